@@ -1,0 +1,412 @@
+"""SegFormer: MiT encoder + All-MLP decoder.
+
+Xie et al., "SegFormer: Simple and Efficient Design for Semantic Segmentation with
+Transformers", NeurIPS 2021 (arXiv:2105.15203).
+
+The reference path (``fused=False``) computes exactly what the official NVlabs code computes,
+op for op; the fused path (``fused=True``) sends the hot spots through :mod:`fastseg.ops`, whose
+dispatcher picks a kernel backend. Both paths use the same parameters.
+
+Parameter names follow the official code (``patch_embed``, ``attn.q``/``attn.kv``, ``mlp.fc1``,
+``linear_c``, ``linear_fuse``) inside a stage-by-stage layout:
+
+    encoder.stages.{i}.patch_embed.{proj,norm}
+    encoder.stages.{i}.blocks.{j}.{norm1, attn.{q,kv,sr,norm,proj}, norm2, mlp.{fc1,dwconv,fc2}}
+    encoder.stages.{i}.norm
+    decoder.…   (see AllMLPDecoder and MMSegDecoder)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastseg import ops
+from fastseg.models.config import SegFormerConfig
+
+# The stage-1 spatial-reduction conv has an 8×8 kernel over the 1/4-resolution map.
+MIN_IMAGE_SIZE = 32
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity in eval or at rate 0), as timm's DropPath."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Strided conv (k7 s4 p3 or k3 s2 p1) → tokens (B, N, C) → LayerNorm."""
+
+    def __init__(self, in_channels: int, dim: int, kernel: int, stride: int, eps: float):
+        super().__init__()
+        self.stride = stride
+        self.proj = nn.Conv2d(in_channels, dim, kernel, stride, padding=kernel // 2)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.fused = False
+
+    def forward(self, x: torch.Tensor):
+        """x: (B, Cin, H, W) → tokens (B, Ho·Wo, C), Ho, Wo."""
+        fn = ops.overlap_patch_embed if self.fused else ops.overlap_patch_embed_reference
+        return fn(x, self.proj.weight, self.proj.bias, self.stride, self.norm.weight, self.norm.bias, self.norm.eps)
+
+
+class SRAttention(nn.Module):
+    """Efficient self-attention: keys/values from a spatially reduced (sr×sr conv) map."""
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, sr_eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.sr_ratio = sr_ratio
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, sr_ratio)
+            self.norm = nn.LayerNorm(dim, eps=sr_eps)
+        self.fused = False
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """x: (B, N, C) tokens of an H×W map → (B, N, C)."""
+        B, N, C = x.shape
+        q = self.q(x)
+        if self.sr_ratio > 1:
+            x_ = x.permute(0, 2, 1).reshape(B, C, H, W)
+            x_ = self.sr(x_).reshape(B, C, -1).permute(0, 2, 1)
+            x = self.norm(x_)
+        kv = self.kv(x)
+        attend = ops.sr_attention if self.fused else ops.sr_attention_reference
+        return self.proj(attend(q, kv, self.num_heads, self.scale))
+
+
+class MixFFN(nn.Module):
+    """fc1 → depthwise 3×3 conv → GELU → fc2 (the conv supplies positional information)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.fused = False
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x = self.fc1(x)
+        fn = ops.dwconv3x3_gelu if self.fused else ops.dwconv3x3_gelu_reference
+        x = fn(x, H, W, self.dwconv.weight, self.dwconv.bias)
+        return self.fc2(x)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, sr_ratio, mlp_ratio, drop_path, eps: float, sr_eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = SRAttention(dim, num_heads, sr_ratio, sr_eps)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MixFFN(dim, dim * mlp_ratio)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, H, W):
+        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+        x = x + self.drop_path(self.mlp(self.norm2(x), H, W))
+        return x
+
+
+class Stage(nn.Module):
+    def __init__(self, in_channels, dim, depth, num_heads, sr_ratio, mlp_ratio, kernel, stride, drop_paths, eps):
+        super().__init__()
+        self.patch_embed = OverlapPatchEmbed(in_channels, dim, kernel, stride, eps.patch_embed)
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, sr_ratio, mlp_ratio, drop_paths[j], eps.block, eps.sr) for j in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=eps.stage)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, Cin, H, W) → (B, C, H', W')."""
+        B = x.shape[0]
+        x, H, W = self.patch_embed(x)
+        for block in self.blocks:
+            x = block(x, H, W)
+        x = self.norm(x)
+        return x.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
+
+
+class MiTEncoder(nn.Module):
+    """Mix Transformer: four stages at strides 4, 8, 16, 32."""
+
+    def __init__(self, cfg: SegFormerConfig):
+        super().__init__()
+        total = sum(cfg.depths)
+        rates = [cfg.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        stages, start, in_ch = [], 0, cfg.in_channels
+        for i, (dim, depth) in enumerate(zip(cfg.embed_dims, cfg.depths)):
+            kernel, stride = (7, 4) if i == 0 else (3, 2)
+            stages.append(
+                Stage(in_ch, dim, depth, cfg.num_heads[i], cfg.sr_ratios[i], cfg.mlp_ratio, kernel, stride,
+                      rates[start:start + depth], cfg.norm_eps)
+            )
+            start += depth
+            in_ch = dim
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+class AllMLPDecoder(nn.Module):
+    """The NVlabs / HuggingFace All-MLP head.
+
+    Each stage's features go through a Linear to E channels, are bilinearly upsampled
+    (align_corners=False) to 1/4 resolution, concatenated in the order [c4, c3, c2, c1], fused by a
+    1×1 conv (no bias) + BN + ReLU, and classified by a 1×1 conv after Dropout2d.
+    """
+
+    def __init__(self, in_dims, dim: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.linear_c = nn.ModuleList(nn.Linear(c, dim) for c in in_dims)
+        self.linear_fuse = nn.Conv2d(dim * len(in_dims), dim, 1, bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(dim, num_classes, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        B, _, H, W = feats[0].shape
+        outs = []
+        for f, linear in zip(feats, self.linear_c):
+            h, w = f.shape[2:]
+            x = linear(f.flatten(2).transpose(1, 2)).permute(0, 2, 1).reshape(B, -1, h, w)
+            if (h, w) != (H, W):
+                x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
+            outs.append(x)
+        x = self.linear_fuse(torch.cat(outs[::-1], dim=1))
+        x = F.relu(self.bn(x))
+        return self.classifier(self.dropout(x))
+
+
+class ConvBNReLU(nn.Module):
+    """mmcv's ConvModule with a 1×1 conv: conv (no bias) → BN → ReLU."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class MMSegDecoder(nn.Module):
+    """mmsegmentation-1.x's ``SegformerHead`` — a different architecture from the NVlabs head.
+
+    Per stage a 1×1 conv + BN + ReLU (not a Linear), upsampled to 1/4 resolution and concatenated
+    in the order [c1, c2, c3, c4]; then a 1×1 conv + BN + ReLU and the classifier after Dropout2d.
+    """
+
+    def __init__(self, in_dims, dim: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.convs = nn.ModuleList(ConvBNReLU(c, dim) for c in in_dims)
+        self.fusion_conv = ConvBNReLU(dim * len(in_dims), dim)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(dim, num_classes, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        H, W = feats[0].shape[2:]
+        outs = []
+        for f, conv in zip(feats, self.convs):
+            x = conv(f)
+            if x.shape[2:] != (H, W):
+                x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
+            outs.append(x)
+        x = self.fusion_conv(torch.cat(outs, dim=1))
+        return self.classifier(self.dropout(x))
+
+
+def check_images(x, model: nn.Module | None = None) -> None:
+    """Reject input the model cannot take, naming the problem (never a deep kernel error)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected images as a torch.Tensor of shape (B, 3, H, W), got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"expected images of shape (B, C, H, W) (rank 4), got rank {x.ndim} with shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected floating-point images (float32/float16/bfloat16), got {x.dtype}")
+    B, C, H, W = x.shape
+    if B == 0:
+        raise ValueError(f"empty batch: got images of shape {tuple(x.shape)}")
+    if model is not None:
+        want = model.config.in_channels
+        if C != want:
+            raise ValueError(f"expected {want} input channels, got {C} (images of shape {tuple(x.shape)})")
+        param = next(model.parameters())
+        if x.device != param.device:
+            raise ValueError(f"images are on {x.device} but the model is on {param.device}; move one of them")
+        if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"images are {x.dtype} but the model's weights are {param.dtype}; cast one of them "
+                f"(e.g. model.to({x.dtype})) or run under torch.autocast"
+            )
+    if H < MIN_IMAGE_SIZE or W < MIN_IMAGE_SIZE:
+        raise ValueError(
+            f"SegFormer needs H and W >= {MIN_IMAGE_SIZE} (its stage-1 spatial reduction is an 8x8 conv "
+            f"on the 1/4-resolution map); got {H}x{W}"
+        )
+
+
+def init_weights(model: nn.Module, cfg: SegFormerConfig) -> None:
+    """Initialise as the official code does.
+
+    Encoder (NVlabs ``MixVisionTransformer._init_weights``, the same in mmseg-1.x): Linear
+    trunc-normal(0.02) with zero bias, LayerNorm 1/0, Conv2d normal(0, sqrt(2 / fan_out)).
+    Decoder: mmcv ``ConvModule`` convs get Kaiming-normal (fan_out, ReLU) with BN 1/0; the NVlabs
+    head keeps PyTorch's default init for its Linears and ``linear_pred``; mmseg's ``conv_seg``
+    gets normal(0, 0.01).
+    """
+    for m in model.encoder.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            nn.init.zeros_(m.bias)
+    init_decoder(model.decoder)
+
+
+def init_decoder(decoder: nn.Module) -> None:
+    for m in decoder.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m is not decoder.classifier and m.bias is None:
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.reset_parameters()
+        elif isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()
+            m.reset_running_stats()
+    init_classifier(decoder)
+
+
+def init_classifier(decoder: nn.Module) -> None:
+    if isinstance(decoder, MMSegDecoder):
+        nn.init.normal_(decoder.classifier.weight, 0.0, 0.01)
+        nn.init.zeros_(decoder.classifier.bias)
+    else:
+        decoder.classifier.reset_parameters()
+
+
+class SegFormer(nn.Module):
+    """SegFormer-B0…B5 for semantic segmentation.
+
+    Args:
+        variant: "b0" … "b5" (ignored when ``config`` is given).
+        num_classes: number of output classes.
+        fused: run the hot spots through fastseg's fused ops (same weights either way).
+        decoder: "mlp" (the NVlabs / HuggingFace All-MLP head) or "mmseg" (mmsegmentation-1.x's
+            ``SegformerHead``: conv + BN + ReLU branches).
+        config: a full :class:`SegFormerConfig` (custom dims, LayerNorm eps of a source, …).
+
+    ``model(x)`` takes images ``x: (B, 3, H, W)`` (H, W ≥ 32, any parity) and returns logits
+    ``(B, num_classes, ceil(H/4), ceil(W/4))``.
+    """
+
+    def __init__(self, variant: str = "b0", num_classes: int = 150, fused: bool = False,
+                 decoder: str = "mlp", config: SegFormerConfig | None = None):
+        super().__init__()
+        if config is None:
+            config = SegFormerConfig.from_variant(variant, num_classes=num_classes, decoder=decoder)
+        self.config = config
+        self.encoder = MiTEncoder(config)
+        head = AllMLPDecoder if config.decoder == "mlp" else MMSegDecoder
+        self.decoder = head(config.embed_dims, config.decoder_dim, config.num_classes, config.decoder_dropout)
+        init_weights(self, config)
+        # Set by from_pretrained: what was loaded, from which format, and what was initialised.
+        self.load_report = None
+        self.set_fused(fused)
+
+    # -- running -----------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: (B, 3, H, W) → the four stage features (B, Cᵢ, H/4ᵢ, W/4ᵢ) at strides 4, 8, 16, 32."""
+        check_images(x, self)
+        return self.encoder(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) → logits (B, num_classes, ceil(H/4), ceil(W/4))."""
+        return self.decoder(self.forward_features(x))
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def variant(self) -> str | None:
+        return self.config.variant
+
+    # -- fused / reference -------------------------------------------------------------------
+    @property
+    def fused(self) -> bool:
+        return self._fused
+
+    def set_fused(self, fused: bool = True) -> "SegFormer":
+        """Switch every fused op between the fused path and the reference path (same weights)."""
+        self._fused = bool(fused)
+        for m in self.modules():
+            if hasattr(m, "fused") and m is not self:
+                m.fused = self._fused
+        return self
+
+    def backends(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> dict:
+        """For each fused op, the :class:`fastseg.ops.dispatch.Choice` this model would use now."""
+        from fastseg.ops import dispatch
+
+        param = next(self.parameters())
+        dtype = dtype or param.dtype
+        device = torch.device(device) if device is not None else param.device
+        report = {}
+        for op in dispatch.FUSED_OPS:
+            if not self._fused:
+                report[op] = dispatch.Choice(op, dispatch.REFERENCE, {"fused": ["model.fused is False"]})
+                continue
+            facts = dict(device=device, dtype=dtype)
+            if op == "sr_attention":
+                facts["head_dim"] = min(d // h for d, h in zip(self.config.embed_dims, self.config.num_heads))
+            report[op] = dispatch.choose(op, **facts)
+        return report
+
+    # -- checkpoints -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, source, num_classes: int | None = None, *, fused: bool = False,
+                        decoder: str | None = None, strict: bool = True) -> "SegFormer":
+        """Load a SegFormer from any supported checkpoint; see :mod:`fastseg.checkpoints`."""
+        from fastseg.checkpoints import load_segformer
+
+        return load_segformer(cls, source, num_classes=num_classes, fused=fused, decoder=decoder, strict=strict)
+
+    @classmethod
+    def from_hf(cls, hf_model, num_classes: int | None = None, *, fused: bool = False) -> "SegFormer":
+        """Convert a live HuggingFace ``Segformer*`` model (weights and config)."""
+        from fastseg.checkpoints import load_segformer_from_hf
+
+        return load_segformer_from_hf(cls, hf_model, num_classes=num_classes, fused=fused)
+
+    def save_pretrained(self, directory) -> None:
+        """Write ``model.safetensors`` and ``fastseg_config.json`` (atomically) to ``directory``."""
+        from fastseg.checkpoints import save_segformer
+
+        save_segformer(self, directory)

@@ -1,0 +1,17 @@
+"""Fused ops: each has a reference beside it; :mod:`fastseg.ops.dispatch` picks the backend."""
+from fastseg.ops.dispatch import BackendUnavailable, choose, use_backend
+from fastseg.ops.dwconv3x3_gelu import dwconv3x3_gelu, dwconv3x3_gelu_reference
+from fastseg.ops.overlap_patch_embed import overlap_patch_embed, overlap_patch_embed_reference
+from fastseg.ops.sr_attention import sr_attention, sr_attention_reference
+
+__all__ = [
+    "BackendUnavailable",
+    "choose",
+    "use_backend",
+    "dwconv3x3_gelu",
+    "dwconv3x3_gelu_reference",
+    "overlap_patch_embed",
+    "overlap_patch_embed_reference",
+    "sr_attention",
+    "sr_attention_reference",
+]
