@@ -84,13 +84,18 @@ class SRAttention(nn.Module):
         """x: (B, N, C) tokens of an H×W map → (B, N, C)."""
         B, N, C = x.shape
         q = self.q(x)
+        if not self.fused:
+            if self.sr_ratio > 1:
+                x_ = x.permute(0, 2, 1).reshape(B, C, H, W)
+                x_ = self.sr(x_).reshape(B, C, -1).permute(0, 2, 1)
+                x = self.norm(x_)
+            return self.proj(ops.sr_attention_reference(q, self.kv(x), self.num_heads, self.scale))
         if self.sr_ratio > 1:
-            x_ = x.permute(0, 2, 1).reshape(B, C, H, W)
-            x_ = self.sr(x_).reshape(B, C, -1).permute(0, 2, 1)
-            x = self.norm(x_)
-        kv = self.kv(x)
-        attend = ops.sr_attention if self.fused else ops.sr_attention_reference
-        return self.proj(attend(q, kv, self.num_heads, self.scale))
+            # Tokens are a channels-last image: view them as NCHW without a copy; the conv keeps
+            # channels-last, so its output flattens back to tokens as a view too.
+            x_ = self.sr(x.reshape(B, H, W, C).permute(0, 3, 1, 2))
+            x = self.norm(x_.flatten(2).transpose(1, 2))
+        return self.proj(ops.sr_attention(q, self.kv(x), self.num_heads, self.scale))
 
 
 class MixFFN(nn.Module):

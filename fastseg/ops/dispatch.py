@@ -6,8 +6,9 @@ Backends, in the order they are preferred:
   ``torch``     a fast composition of stock PyTorch ops (the fused path on CPU)
   ``reference`` the eager semantics of the official code; always available
 
-Each backend declares what it supports through ``not_supported_reasons(**inputs)``; the first
-backend with no reasons wins. The user can force one backend with ``FASTSEG_BACKEND=<name>`` or
+Each backend declares what it supports through ``not_supported_reasons(**inputs)``, and may
+add ``auto_reasons`` for choices it should not be picked for automatically (Triton on CPU runs
+only under its interpreter); the first backend with no reasons wins. The user can force one backend with ``FASTSEG_BACKEND=<name>`` or
 the :func:`use_backend` context manager: an op that implements the forced backend must use it,
 and raises :class:`BackendUnavailable` with the reasons if it cannot; an op that has no backend
 of that name keeps its automatic choice (``info`` shows which).
@@ -36,6 +37,8 @@ class Backend:
     not_supported_reasons: Callable[..., list[str]]
     # The implementation; its signature is the op's.
     impl: Callable | None = None
+    # Why it should not be chosen automatically although it could run (forcing still works).
+    auto_reasons: Callable[..., list[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,11 +65,16 @@ def register(op: str, backend: Backend) -> None:
     """Add a backend for ``op``; backends are kept in the order of BACKEND_NAMES."""
     if op not in _registry:
         raise ValueError(f"unknown op {op!r}; known ops: {list(FUSED_OPS)}")
-    if backend.name not in BACKEND_NAMES or backend.name == REFERENCE:
-        raise ValueError(f"backend name must be one of {list(BACKEND_NAMES[:-1])}, got {backend.name!r}")
+    if backend.name not in BACKEND_NAMES:
+        raise ValueError(f"backend name must be one of {list(BACKEND_NAMES)}, got {backend.name!r}")
     entries = [b for b in _registry[op] if b.name != backend.name] + [backend]
     entries.sort(key=lambda b: BACKEND_NAMES.index(b.name))
     _registry[op] = entries
+
+
+def register_reference(op: str, impl: Callable) -> None:
+    """The op's reference implementation: always able to run, chosen when nothing else fits."""
+    register(op, Backend(REFERENCE, lambda **_: [], impl))
 
 
 def backends_of(op: str) -> list[Backend]:
@@ -98,7 +106,7 @@ def choose(op: str, **inputs) -> Choice:
     """Pick the backend for ``op`` on these inputs (device, dtype and op-specific facts)."""
     if op not in _registry:
         raise ValueError(f"unknown op {op!r}; known ops: {list(FUSED_OPS)}")
-    candidates = _registry[op]
+    candidates = [b for b in _registry[op] if b.name != REFERENCE]
     forced = forced_backend()
     if forced == REFERENCE:
         return Choice(op, REFERENCE, forced=True)
@@ -114,6 +122,8 @@ def choose(op: str, **inputs) -> Choice:
     skipped: dict[str, list[str]] = {}
     for backend in candidates:
         reasons = backend.not_supported_reasons(**inputs)
+        if not reasons and backend.auto_reasons is not None:
+            reasons = backend.auto_reasons(**inputs)
         if not reasons:
             return Choice(op, backend.name, skipped)
         skipped[backend.name] = reasons
@@ -127,3 +137,8 @@ def implementation(op: str, backend: str) -> Callable:
         if b.name == backend:
             return b.impl
     raise KeyError(f"{op} has no backend {backend!r}")
+
+
+def resolve(op: str, **inputs) -> Callable:
+    """The implementation to call for these inputs (see :func:`choose`)."""
+    return implementation(op, choose(op, **inputs).backend)

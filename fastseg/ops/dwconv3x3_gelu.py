@@ -24,7 +24,8 @@ def dwconv3x3_gelu_reference(
 def dwconv3x3_gelu(
     x: torch.Tensor, H: int, W: int, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str = "none"
 ) -> torch.Tensor:
-    choice = dispatch.choose("dwconv3x3_gelu", device=x.device, dtype=x.dtype)
-    if choice.backend == dispatch.REFERENCE:
-        return dwconv3x3_gelu_reference(x, H, W, weight, bias, approximate)
-    return dispatch.implementation("dwconv3x3_gelu", choice.backend)(x, H, W, weight, bias, approximate)
+    impl = dispatch.resolve("dwconv3x3_gelu", device=x.device, dtype=x.dtype)
+    return impl(x, H, W, weight, bias, approximate)
+
+
+dispatch.register_reference("dwconv3x3_gelu", dwconv3x3_gelu_reference)

@@ -19,8 +19,8 @@ def overlap_patch_embed_reference(x, weight, bias, stride: int, ln_weight, ln_bi
 
 
 def overlap_patch_embed(x, weight, bias, stride: int, ln_weight, ln_bias, eps: float):
-    choice = dispatch.choose("overlap_patch_embed", device=x.device, dtype=x.dtype)
-    if choice.backend == dispatch.REFERENCE:
-        return overlap_patch_embed_reference(x, weight, bias, stride, ln_weight, ln_bias, eps)
-    impl = dispatch.implementation("overlap_patch_embed", choice.backend)
+    impl = dispatch.resolve("overlap_patch_embed", device=x.device, dtype=x.dtype)
     return impl(x, weight, bias, stride, ln_weight, ln_bias, eps)
+
+
+dispatch.register_reference("overlap_patch_embed", overlap_patch_embed_reference)

@@ -4,10 +4,19 @@
 
 q: (B, N, C) from the q projection; kv: (B, Nkv, 2C) from the kv projection (k = kv[..., :C],
 v = kv[..., C:]); head h owns channels [h·D, (h+1)·D) with D = C / heads; out: (B, N, C).
+
+Backends:
+- ``triton``: ``fastseg.kernels.sr_attention`` (forward + flash-style backward), registered as the
+  custom ops ``fastseg::sr_attention_fwd`` / ``fastseg::sr_attention_bwd`` with fake
+  implementations, so ``torch.compile`` and ``torch.export`` trace through without graph breaks.
+- ``torch``: ``scaled_dot_product_attention`` on strided views of the token tensors (no copies);
+  the fused path on CPU.
+- reference: the official NVlabs math below.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from fastseg.ops import dispatch
 
@@ -24,11 +33,153 @@ def sr_attention_reference(q: torch.Tensor, kv: torch.Tensor, num_heads: int, sc
     return (attn @ v).transpose(1, 2).reshape(B, N, C)
 
 
+def check_inputs(q, kv, num_heads: int) -> None:
+    """Shapes, dtypes and devices, named in the error (never a kernel crash)."""
+    for name, t in (("q", q), ("kv", kv)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 3:
+            raise ValueError(f"sr_attention: {name} must be a rank-3 tensor (B, N, C), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"sr_attention: {name} must be floating point, got {t.dtype}")
+    B, N, C = q.shape
+    if kv.shape[0] != B or kv.shape[2] != 2 * C:
+        raise ValueError(f"sr_attention: kv must be (B={B}, Nkv, 2C={2 * C}), got {tuple(kv.shape)}")
+    if B == 0 or N == 0 or kv.shape[1] == 0:
+        raise ValueError(f"sr_attention: empty input, q {tuple(q.shape)}, kv {tuple(kv.shape)}")
+    if num_heads < 1 or C % num_heads:
+        raise ValueError(f"sr_attention: {C} channels are not divisible into {num_heads} heads")
+    if q.dtype != kv.dtype:
+        raise TypeError(f"sr_attention: q is {q.dtype} but kv is {kv.dtype}")
+    if q.device != kv.device:
+        raise ValueError(f"sr_attention: q is on {q.device} but kv is on {kv.device}")
+
+
+# --- torch backend ------------------------------------------------------------------------------
+
+def sr_attention_torch(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """SDPA on strided head views of the token tensors: no permute copies in or out."""
+    B, N, C = q.shape
+    D = C // num_heads
+    Nkv = kv.shape[1]
+    qh = q.view(B, N, num_heads, D).transpose(1, 2)
+    kh = kv[..., :C].unflatten(-1, (num_heads, D)).transpose(1, 2)
+    vh = kv[..., C:].unflatten(-1, (num_heads, D)).transpose(1, 2)
+    out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
+    # SDPA returns (B, h, N, D) as a transposed view of (B, N, h, D) storage: reshape is free.
+    return out.transpose(1, 2).reshape(B, N, C)
+
+
+# --- triton backend -----------------------------------------------------------------------------
+
+_kernel_module = None
+
+
+def _kernels():
+    """The Triton kernel module, or the ImportError text if Triton is unavailable (imported once)."""
+    global _kernel_module
+    if _kernel_module is None:
+        try:
+            from fastseg.kernels import sr_attention as module
+        except ImportError as e:  # no triton installed
+            module = str(e)
+        _kernel_module = module
+    return _kernel_module
+
+
+@torch.library.custom_op("fastseg::sr_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().sr_attention_fwd(q, kv, num_heads, scale)
+
+
+@_fwd_op.register_fake
+def _(q, kv, num_heads, scale):
+    B, N, C = q.shape
+    return q.new_empty((B, N, C)), q.new_empty((B, num_heads, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastseg::sr_attention_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+            num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().sr_attention_bwd(do, q, kv, out, lse, num_heads, scale)
+
+
+@_bwd_op.register_fake
+def _(do, q, kv, out, lse, num_heads, scale):
+    return q.new_empty(q.shape), kv.new_empty(kv.shape)
+
+
+class SRAttentionFunction(torch.autograd.Function):
+    """Triton forward; backward recomputes the scores from q, k and the saved log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, kv, num_heads: int, scale: float):
+        out, lse = torch.ops.fastseg.sr_attention_fwd(q, kv, num_heads, scale)
+        ctx.save_for_backward(q, kv, out, lse)
+        ctx.num_heads, ctx.scale = num_heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, kv, out, lse = ctx.saved_tensors
+        dq, dkv = torch.ops.fastseg.sr_attention_bwd(dout, q, kv, out, lse, ctx.num_heads, ctx.scale)
+        return dq, dkv, None, None
+
+
+def sr_attention_triton(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    # The kernels read any row strides but need unit stride along channels.
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kv = kv if kv.stride(-1) == 1 else kv.contiguous()
+    return SRAttentionFunction.apply(q, kv, num_heads, float(scale))
+
+
+def _triton_reasons(device: torch.device, dtype: torch.dtype, head_dim: int = 64, **_) -> list[str]:
+    kernels = _kernels()
+    if isinstance(kernels, str):
+        return [f"triton is not importable ({kernels})"]
+    from fastseg.kernels import interpreter_enabled
+
+    reasons = []
+    if dtype not in kernels.SUPPORTED_DTYPES:
+        reasons.append(f"dtype {dtype} (supports {', '.join(map(str, kernels.SUPPORTED_DTYPES))})")
+    if not kernels.MIN_HEAD_DIM <= head_dim <= kernels.MAX_HEAD_DIM:
+        reasons.append(f"head dim {head_dim} outside [{kernels.MIN_HEAD_DIM}, {kernels.MAX_HEAD_DIM}]")
+    if device.type == "cuda":
+        if interpreter_enabled():
+            reasons.append("TRITON_INTERPRET=1 is set, so Triton cannot launch on CUDA tensors")
+        elif dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8:
+            reasons.append("bfloat16 needs compute capability >= 8.0")
+    elif device.type == "cpu":
+        if not interpreter_enabled():
+            reasons.append("CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
+        elif dtype == torch.bfloat16:
+            # Seen with triton 3.9: the interpreter's tl.dot on bf16 operands returns garbage.
+            reasons.append("bfloat16 tl.dot is wrong under Triton's interpreter; check bf16 on a GPU")
+    else:
+        reasons.append(f"device type {device.type!r}")
+    return reasons
+
+
+def _triton_auto_reasons(device: torch.device, **_) -> list[str]:
+    if device.type == "cpu":
+        return ["on CPU Triton runs only under its interpreter (a test tool, slow); FASTSEG_BACKEND=triton forces it"]
+    return []
+
+
+def _torch_reasons(device: torch.device, dtype: torch.dtype, **_) -> list[str]:
+    return [] if dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) else [f"dtype {dtype}"]
+
+
+dispatch.register_reference("sr_attention", sr_attention_reference)
+dispatch.register("sr_attention", dispatch.Backend(
+    "triton", _triton_reasons, sr_attention_triton, auto_reasons=_triton_auto_reasons))
+dispatch.register("sr_attention", dispatch.Backend("torch", _torch_reasons, sr_attention_torch))
+
+
 def sr_attention(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
-    """The fused op: the backend is chosen by :mod:`fastseg.ops.dispatch`."""
-    choice = dispatch.choose(
-        "sr_attention", device=q.device, dtype=q.dtype, head_dim=q.shape[-1] // num_heads
-    )
-    if choice.backend == dispatch.REFERENCE:
-        return sr_attention_reference(q, kv, num_heads, scale)
-    return dispatch.implementation("sr_attention", choice.backend)(q, kv, num_heads, scale)
+    """Fused spatial-reduction attention; the backend is chosen by :mod:`fastseg.ops.dispatch`.
+
+    q: (B, N, C), kv: (B, Nkv, 2C) → (B, N, C). Differentiable in q and kv.
+    """
+    check_inputs(q, kv, num_heads)
+    impl = dispatch.resolve("sr_attention", device=q.device, dtype=q.dtype, head_dim=q.shape[-1] // num_heads)
+    return impl(q, kv, num_heads, scale)
