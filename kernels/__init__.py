@@ -18,3 +18,11 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 def interpreter_enabled() -> bool:
     """True when Triton kernels run under the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreter_ready() -> bool:
+    """False when Triton was imported before the interpreter was switched on: its own helpers
+    (tl.zeros, tl.sum, …) were then built for compiled mode and interpreted kernels cannot run."""
+    import triton.language as tl
+
+    return type(tl.zeros).__name__ == "InterpretedFunction"

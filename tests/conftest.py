@@ -4,6 +4,11 @@ import sys
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run under the interpreter. It must be on before anything imports
+# triton (torch.compile's inductor may), or Triton's own helpers are built for compiled mode.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))  # tests/oracles.py
 
 

@@ -136,7 +136,7 @@ def _triton_reasons(device: torch.device, dtype: torch.dtype, head_dim: int = 64
     kernels = _kernels()
     if isinstance(kernels, str):
         return [f"triton is not importable ({kernels})"]
-    from fastseg.kernels import interpreter_enabled
+    from fastseg.kernels import interpreter_enabled, interpreter_ready
 
     reasons = []
     if dtype not in kernels.SUPPORTED_DTYPES:
@@ -151,6 +151,9 @@ def _triton_reasons(device: torch.device, dtype: torch.dtype, head_dim: int = 64
     elif device.type == "cpu":
         if not interpreter_enabled():
             reasons.append("CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
+        elif not interpreter_ready():
+            reasons.append("triton was imported before its interpreter was switched on; set "
+                           "TRITON_INTERPRET=1 before importing triton")
         elif dtype == torch.bfloat16:
             # Seen with triton 3.9: the interpreter's tl.dot on bf16 operands returns garbage.
             reasons.append("bfloat16 tl.dot is wrong under Triton's interpreter; check bf16 on a GPU")
