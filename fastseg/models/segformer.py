@@ -146,7 +146,9 @@ class Stage(nn.Module):
         for block in self.blocks:
             x = block(x, H, W)
         x = self.norm(x)
-        return x.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
+        x = x.reshape(B, H, W, -1).permute(0, 3, 1, 2)
+        # The fused path keeps tokens: the feature map is their channels-last view, not a copy.
+        return x if self.patch_embed.fused else x.contiguous()
 
 
 class MiTEncoder(nn.Module):
@@ -190,8 +192,13 @@ class AllMLPDecoder(nn.Module):
         self.bn = nn.BatchNorm2d(dim)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(dim, num_classes, 1)
+        self.fused = False
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        if self.fused:
+            Ms, b = ops.fold_mlp_head(self.linear_c, self.linear_fuse.weight, None if self.training else self.bn)
+            maps = [F.linear(f.permute(0, 2, 3, 1), M) for f, M in zip(feats, Ms)]
+            return finish_fused_head(self, maps, b, feats[0].shape[2:])
         B, _, H, W = feats[0].shape
         outs = []
         for f, linear in zip(feats, self.linear_c):
@@ -230,8 +237,17 @@ class MMSegDecoder(nn.Module):
         self.fusion_conv = ConvBNReLU(dim * len(in_dims), dim)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(dim, num_classes, 1)
+        self.fused = False
+
+    @property
+    def bn(self) -> nn.BatchNorm2d:
+        return self.fusion_conv.bn
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        if self.fused:
+            Fs, b = ops.fold_mmseg_head(self.convs, self.fusion_conv.conv.weight, None if self.training else self.bn)
+            maps = [F.linear(conv(f).permute(0, 2, 3, 1), Fi) for f, conv, Fi in zip(feats, self.convs, Fs)]
+            return finish_fused_head(self, maps, b, feats[0].shape[2:])
         H, W = feats[0].shape[2:]
         outs = []
         for f, conv in zip(feats, self.convs):
@@ -241,6 +257,23 @@ class MMSegDecoder(nn.Module):
             outs.append(x)
         x = self.fusion_conv(torch.cat(outs, dim=1))
         return self.classifier(self.dropout(x))
+
+
+def finish_fused_head(head: nn.Module, maps, bias, out_hw) -> torch.Tensor:
+    """Resize-and-sum the projected maps (B, hᵢ, wᵢ, E); then BN + ReLU + classifier.
+
+    Eval: BN is already folded into the maps and ``bias``, so ReLU and the classifier run inside
+    the fused op. Training: BN needs the batch statistics of the sum, so it runs after it (the
+    running statistics update exactly as in eager), then Dropout2d and the classifier.
+    Returns logits (B, K, H, W) as a channels-last view.
+    """
+    cls = head.classifier
+    if not head.training:
+        logits = ops.upsample_sum(maps, out_hw, bias, relu=True,
+                                  classifier_weight=cls.weight.flatten(1), classifier_bias=cls.bias)
+        return logits.permute(0, 3, 1, 2)
+    y = ops.upsample_sum(maps, out_hw, bias).permute(0, 3, 1, 2)
+    return cls(head.dropout(F.relu(head.bn(y))))
 
 
 def check_images(x, model: nn.Module | None = None) -> None:

@@ -1,4 +1,5 @@
 """Fused ops: each has a reference beside it; :mod:`fastseg.ops.dispatch` picks the backend."""
+from fastseg.ops.decoder_upsample_fuse import fold_mlp_head, fold_mmseg_head, upsample_sum, upsample_sum_reference
 from fastseg.ops.dispatch import BackendUnavailable, choose, use_backend
 from fastseg.ops.dwconv3x3_gelu import dwconv3x3_gelu, dwconv3x3_gelu_reference
 from fastseg.ops.overlap_patch_embed import overlap_patch_embed, overlap_patch_embed_reference
@@ -7,6 +8,10 @@ from fastseg.ops.sr_attention import sr_attention, sr_attention_reference
 __all__ = [
     "BackendUnavailable",
     "choose",
+    "fold_mlp_head",
+    "fold_mmseg_head",
+    "upsample_sum",
+    "upsample_sum_reference",
     "use_backend",
     "dwconv3x3_gelu",
     "dwconv3x3_gelu_reference",

@@ -21,6 +21,16 @@ def dwconv3x3_gelu_reference(
     return F.gelu(x, approximate=approximate)
 
 
+def dwconv3x3_gelu_torch(
+    x: torch.Tensor, H: int, W: int, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str = "none"
+) -> torch.Tensor:
+    """Stock ops on the channels-last view of the tokens: no transpose copies in or out."""
+    B, N, C = x.shape
+    img = x.unflatten(1, (H, W)).permute(0, 3, 1, 2)  # (B, C, H, W) view, channels-last strides
+    y = F.conv2d(img, weight, bias, padding=1, groups=C)
+    return F.gelu(y.permute(0, 2, 3, 1).reshape(B, N, C), approximate=approximate)
+
+
 def dwconv3x3_gelu(
     x: torch.Tensor, H: int, W: int, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str = "none"
 ) -> torch.Tensor:
@@ -29,3 +39,5 @@ def dwconv3x3_gelu(
 
 
 dispatch.register_reference("dwconv3x3_gelu", dwconv3x3_gelu_reference)
+dispatch.register("dwconv3x3_gelu", dispatch.Backend(
+    "torch", lambda dtype, **_: [] if dtype.is_floating_point else [f"dtype {dtype}"], dwconv3x3_gelu_torch))

@@ -1,0 +1,142 @@
+"""The decoder's upsample-concat-fuse, rewritten so the 4E-channel concat never exists.
+
+The NVlabs head computes, at 1/4 resolution,
+    y = F · concat(up(L₄c₄ + l₄), up(L₃c₃ + l₃), up(L₂c₂ + l₂), L₁c₁ + l₁)
+Bilinear upsampling (align_corners=False) commutes with per-pixel linear maps and its weights
+sum to 1, so with F = [F₄ F₃ F₂ F₁] split by input block,
+    y = Σᵢ up(Pᵢ) + b,    Pᵢ = cᵢ Mᵢᵀ,  Mᵢ = Fᵢ Lᵢ (E×Cᵢ),  b = Σᵢ Fᵢ lᵢ
+Each Pᵢ is an E-channel map at its stage's own (small) resolution; one op then resizes, sums,
+adds b, and (eval) applies the folded BN + ReLU and the classifier in the same pass.
+
+This module holds that op (:func:`upsample_sum`, backends ``triton`` and ``torch``) and the
+weight folding (:func:`fold_mlp_head`, :func:`fold_mmseg_head`). The reference is the head's
+own eager forward in :mod:`fastseg.models.segformer`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastseg.ops import dispatch
+
+
+def _resize(m: torch.Tensor, out_hw) -> torch.Tensor:
+    """(B, h, w, E) channels-last map → (B, H, W, E), bilinear, align_corners=False."""
+    if tuple(m.shape[1:3]) == tuple(out_hw):
+        return m
+    up = F.interpolate(m.permute(0, 3, 1, 2), size=tuple(out_hw), mode="bilinear", align_corners=False)
+    return up.permute(0, 2, 3, 1)
+
+
+def upsample_sum_reference(maps, out_hw, bias=None, relu=False, classifier_weight=None, classifier_bias=None):
+    """Plain math: s = Σ resize(mapᵢ) + bias; ReLU; logits = s Wᵀ + b.  maps: (B, hᵢ, wᵢ, E)."""
+    y = sum(_resize(m, out_hw) for m in maps)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    if relu:
+        y = torch.relu(y)
+    if classifier_weight is not None:
+        y = F.linear(y, classifier_weight, classifier_bias)
+    return y
+
+
+def upsample_sum_torch(maps, out_hw, bias=None, relu=False, classifier_weight=None, classifier_bias=None):
+    """Stock ops on channels-last views: one fresh full-resolution buffer, summed into in place."""
+    y = _resize(maps[0], out_hw)
+    y = y + _resize(maps[1], out_hw) if len(maps) > 1 else y.clone()
+    for m in maps[2:]:
+        y.add_(_resize(m, out_hw))
+    if bias is not None:
+        y.add_(bias.to(y.dtype))
+    if relu:
+        y.relu_()
+    if classifier_weight is not None:
+        y = F.linear(y, classifier_weight, classifier_bias)
+    return y
+
+
+def check_maps(maps, out_hw) -> None:
+    if not isinstance(maps, (list, tuple)) or not 1 <= len(maps) <= 4:
+        raise ValueError(f"upsample_sum: expected a list of 1 to 4 maps, got {type(maps).__name__}")
+    first = maps[0]
+    for i, m in enumerate(maps):
+        if not isinstance(m, torch.Tensor) or m.ndim != 4:
+            raise ValueError(f"upsample_sum: map {i} must be a (B, h, w, E) tensor")
+        if m.shape[0] != first.shape[0] or m.shape[3] != first.shape[3]:
+            raise ValueError(f"upsample_sum: map {i} has shape {tuple(m.shape)}, expected batch "
+                             f"{first.shape[0]} and {first.shape[3]} channels like map 0")
+        if m.dtype != first.dtype or m.device != first.device:
+            raise TypeError(f"upsample_sum: map {i} is {m.dtype} on {m.device}, map 0 is {first.dtype} on {first.device}")
+    if len(out_hw) != 2 or min(out_hw) < 1:
+        raise ValueError(f"upsample_sum: bad output size {out_hw}")
+
+
+def upsample_sum(maps, out_hw, bias=None, relu=False, classifier_weight=None, classifier_bias=None):
+    """Resize every map to ``out_hw``, sum, add ``bias``, optionally ReLU and a classifier.
+
+    maps: 1–4 tensors (B, hᵢ, wᵢ, E) (channels-last images; a map already at ``out_hw`` is added
+    as is); bias: (E,); classifier_weight: (K, E), classifier_bias: (K,).
+    Returns (B, H, W, E), or (B, H, W, K) logits with a classifier. Differentiable.
+    """
+    check_maps(maps, out_hw)
+    impl = dispatch.resolve("decoder_upsample_fuse", device=maps[0].device, dtype=maps[0].dtype,
+                            classifier=classifier_weight is not None)
+    return impl(list(maps), tuple(out_hw), bias, relu, classifier_weight, classifier_bias)
+
+
+# --- weight folding ------------------------------------------------------------------------------
+
+def _fold_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Fold in fp32 at least (fp64 models keep fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _bn_affine(bn: torch.nn.BatchNorm2d):
+    """Eval-mode BN as y·s + t, in the fold precision."""
+    dt = _fold_dtype(bn.weight.dtype)
+    s = bn.weight.to(dt) * torch.rsqrt(bn.running_var.to(dt) + bn.eps)
+    return s, bn.bias.to(dt) - bn.running_mean.to(dt) * s
+
+
+def fold_mlp_head(linears, fuse_weight: torch.Tensor, bn: torch.nn.BatchNorm2d | None):
+    """Mᵢ = Fᵢ Lᵢ and b = Σ Fᵢ lᵢ for the NVlabs head (concat order c4, c3, c2, c1).
+
+    With ``bn`` (eval), its affine is folded into Mᵢ and b. Folding is done in fp32 (fp64 for fp64
+    weights) and cast to the weights' dtype once. Differentiable (training builds Mᵢ with autograd).
+    Returns ([M₁..M₄] each (E, Cᵢ), b (E,)).
+    """
+    E = fuse_weight.shape[0]
+    dt = _fold_dtype(fuse_weight.dtype)
+    fuse = fuse_weight.reshape(E, -1).to(dt)
+    n = len(linears)
+    Ms, b = [], 0
+    for i, lin in enumerate(linears):
+        Fi = fuse[:, (n - 1 - i) * E:(n - i) * E]
+        Ms.append(Fi @ lin.weight.to(dt))
+        b = b + Fi @ lin.bias.to(dt)
+    if bn is not None:
+        s, t = _bn_affine(bn)
+        Ms = [s[:, None] * M for M in Ms]
+        b = s * b + t
+    dtype = fuse_weight.dtype
+    return [M.to(dtype) for M in Ms], b
+
+
+def fold_mmseg_head(branches, fuse_weight: torch.Tensor, bn: torch.nn.BatchNorm2d | None):
+    """mmseg head: per-branch 1×1 conv + BN + ReLU stay at low resolution (the ReLU does not
+    commute with the resize); only the fusion conv Fᵢ (concat order c1..c4) moves before it.
+    Returns ([F₁..F₄] each (E, E) with ``bn`` folded when given, b (E,) or None)."""
+    E = fuse_weight.shape[0]
+    fuse = fuse_weight.reshape(E, -1).to(_fold_dtype(fuse_weight.dtype))
+    Fs = [fuse[:, i * E:(i + 1) * E] for i in range(len(branches))]
+    b = None
+    if bn is not None:
+        s, t = _bn_affine(bn)
+        Fs = [s[:, None] * Fi for Fi in Fs]
+        b = t
+    return [Fi.to(fuse_weight.dtype) for Fi in Fs], b
+
+
+dispatch.register_reference("decoder_upsample_fuse", upsample_sum_reference)
+dispatch.register("decoder_upsample_fuse", dispatch.Backend(
+    "torch", lambda dtype, **_: [] if dtype.is_floating_point else [f"dtype {dtype}"], upsample_sum_torch))

@@ -1,0 +1,118 @@
+"""The fused SegFormer (CPU `torch` backends here; Triton where forced / on GPU) against the
+reference path on the same weights: decoder rewrite in eval and training, every variant."""
+import copy
+
+import pytest
+import torch
+
+from conftest import rel_err
+from fastseg import SegFormer, SegFormerConfig
+from fastseg.models.config import VARIANTS
+from fastseg.ops import upsample_sum, upsample_sum_reference, use_backend
+from oracles import randomize_
+
+
+def pair(variant="b0", decoder="mlp", classes=7, **cfg):
+    config = SegFormerConfig.from_variant(variant, num_classes=classes, decoder=decoder, **cfg)
+    ref = randomize_(SegFormer(config=config))
+    fused = copy.deepcopy(ref).set_fused(True)
+    return ref, fused
+
+
+@pytest.mark.parametrize("decoder", ["mlp", "mmseg"])
+@pytest.mark.parametrize("H,W", [(61, 47), (64, 64), (33, 95)])
+def test_eval_logits_match_the_reference(decoder, H, W):
+    ref, fused = pair(decoder=decoder)
+    x = torch.randn(2, 3, H, W)
+    with torch.no_grad():
+        want, got = ref.eval()(x), fused.eval()(x)
+    assert got.shape == want.shape
+    assert rel_err(got, want) < 1e-4
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.999
+
+
+@pytest.mark.parametrize("decoder", ["mlp", "mmseg"])
+def test_training_step_matches_grads_and_bn_statistics(decoder):
+    # No stochastic layers, so every path computes the same function; gold is the reference in fp64.
+    ref, fused = pair(decoder=decoder, drop_path_rate=0.0, decoder_dropout=0.0)
+    gold = copy.deepcopy(ref).double()
+    for model in (ref, fused, gold):
+        model.train()
+    x = torch.randn(2, 3, 69, 75)
+    grad = torch.randn(2, 7, 18, 19)
+    fused(x).backward(grad)
+    ref(x).backward(grad)
+    gold(x.double()).backward(grad.double())
+    gold_params = dict(gold.named_parameters())
+    fused_params, ref_params = dict(fused.named_parameters()), dict(ref.named_parameters())
+    # Each gradient relative to its own magnitude, floored by the model's largest gradient: the
+    # biases feeding a training-mode BN have gradients that are zero up to rounding. Deep in a
+    # random network fp32 rounding is amplified, so the bar is 1e-4 or twice the eager fp32 error.
+    floor = 1e-3 * max(p.grad.abs().max().item() for p in gold_params.values())
+    for name, g in gold_params.items():
+        q = fused_params[name]
+        assert q.grad is not None, f"no gradient reached {name}"
+        scale = max(g.grad.abs().max().item(), floor)
+        err = (q.grad.double() - g.grad).abs().max().item() / scale
+        eager_err = (ref_params[name].grad.double() - g.grad).abs().max().item() / scale
+        assert err <= max(1e-4, 2 * eager_err), f"{name}: fused {err:.2e}, eager {eager_err:.2e}"
+    # BN running statistics update as in eager (momentum, unbiased variance, batch counter).
+    for (name, a), (_, b) in zip(ref.named_buffers(), fused.named_buffers()):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_variant_fused_matches(variant):
+    ref, fused = pair(variant, classes=19)
+    x = torch.randn(1, 3, 67, 53)
+    with torch.no_grad():
+        want, got = ref.eval()(x), fused.eval()(x)
+    assert rel_err(got, want) < 1e-4
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.999
+
+
+def test_features_are_channels_last_views_on_the_fused_path():
+    ref, fused = pair()
+    with torch.no_grad():
+        feats = fused.eval().forward_features(torch.randn(1, 3, 64, 48))
+    for f in feats:
+        assert f.is_contiguous(memory_format=torch.channels_last)
+        assert not f.is_contiguous() or f.shape[2] * f.shape[3] == 1
+
+
+# --- the upsample_sum op -------------------------------------------------------------------------
+
+def pyramid(B, E, sizes, dtype=torch.float32, requires_grad=False):
+    return [torch.randn(B, h, w, E, dtype=dtype, requires_grad=requires_grad) for h, w in sizes]
+
+
+@pytest.mark.parametrize("sizes,out", [
+    ([(16, 12), (8, 6), (4, 3), (2, 2)], (16, 12)),
+    ([(15, 11), (8, 6), (4, 3), (2, 2)], (15, 11)),
+    ([(5, 7), (9, 3)], (6, 4)),  # a downsampling resize too
+    ([(1, 1)], (3, 5)),
+])
+@pytest.mark.parametrize("backend", ["torch"])
+def test_upsample_sum_forward_and_backward(sizes, out, backend):
+    E, K = 24, 5
+    maps = pyramid(2, E, sizes, requires_grad=True)
+    bias, w, b = torch.randn(E), torch.randn(K, E), torch.randn(K)
+    with use_backend(backend):
+        got = upsample_sum(maps, out, bias, relu=True, classifier_weight=w, classifier_bias=b)
+    gold_maps = [m.detach().double().requires_grad_() for m in maps]
+    want = upsample_sum_reference(gold_maps, out, bias.double(), True, w.double(), b.double())
+    assert got.shape == (2, *out, K) and rel_err(got, want) < 1e-5
+    g = torch.randn_like(want)
+    got.backward(g.float())
+    want.backward(g)
+    for m, gm in zip(maps, gold_maps):
+        assert rel_err(m.grad, gm.grad) < 1e-5
+
+
+def test_upsample_sum_bad_input():
+    with pytest.raises(ValueError, match="1 to 4"):
+        upsample_sum([], (4, 4))
+    with pytest.raises(ValueError, match="channels"):
+        upsample_sum([torch.randn(1, 4, 4, 8), torch.randn(1, 2, 2, 6)], (4, 4))
+    with pytest.raises(TypeError, match="float64"):
+        upsample_sum([torch.randn(1, 4, 4, 8), torch.randn(1, 2, 2, 8, dtype=torch.float64)], (4, 4))
