@@ -116,3 +116,20 @@ def test_upsample_sum_bad_input():
         upsample_sum([torch.randn(1, 4, 4, 8), torch.randn(1, 2, 2, 6)], (4, 4))
     with pytest.raises(TypeError, match="float64"):
         upsample_sum([torch.randn(1, 4, 4, 8), torch.randn(1, 2, 2, 8, dtype=torch.float64)], (4, 4))
+
+
+def test_inference_fold_cache_never_serves_stale_weights():
+    ref, fused = pair()
+    ref.eval(), fused.eval()
+    x = torch.randn(1, 3, 64, 48)
+    with torch.inference_mode():
+        fused(x)  # fills the cache
+    with torch.no_grad():
+        for model in (ref, fused):  # an in-place update, like an optimiser step
+            model.decoder.linear_fuse.weight.mul_(1.5)
+            model.decoder.bn.running_var.add_(0.5)
+        assert rel_err(fused(x), ref(x)) < 1e-4
+    fused.load_state_dict(SegFormer("b0", num_classes=7).state_dict())
+    ref.load_state_dict(fused.state_dict())
+    with torch.inference_mode():
+        assert rel_err(fused(x), ref(x)) < 1e-4

@@ -196,7 +196,8 @@ class AllMLPDecoder(nn.Module):
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         if self.fused:
-            Ms, b = ops.fold_mlp_head(self.linear_c, self.linear_fuse.weight, None if self.training else self.bn)
+            Ms, b = folded_weights(self, lambda: ops.fold_mlp_head(
+                self.linear_c, self.linear_fuse.weight, None if self.training else self.bn))
             maps = [F.linear(f.permute(0, 2, 3, 1), M) for f, M in zip(feats, Ms)]
             return finish_fused_head(self, maps, b, feats[0].shape[2:])
         B, _, H, W = feats[0].shape
@@ -245,7 +246,8 @@ class MMSegDecoder(nn.Module):
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         if self.fused:
-            Fs, b = ops.fold_mmseg_head(self.convs, self.fusion_conv.conv.weight, None if self.training else self.bn)
+            Fs, b = folded_weights(self, lambda: ops.fold_mmseg_head(
+                self.convs, self.fusion_conv.conv.weight, None if self.training else self.bn))
             maps = [F.linear(conv(f).permute(0, 2, 3, 1), Fi) for f, conv, Fi in zip(feats, self.convs, Fs)]
             return finish_fused_head(self, maps, b, feats[0].shape[2:])
         H, W = feats[0].shape[2:]
@@ -257,6 +259,23 @@ class MMSegDecoder(nn.Module):
             outs.append(x)
         x = self.fusion_conv(torch.cat(outs, dim=1))
         return self.classifier(self.dropout(x))
+
+
+def folded_weights(head: nn.Module, fold):
+    """``fold()``, cached for inference: the fold is a few E×E×Cᵢ GEMMs that cost more than the
+    whole head at small inputs. The cache is keyed on every parameter's and buffer's version
+    counter (bumped by optimiser steps, ``load_state_dict`` and any in-place change), so it can
+    never serve stale weights; with autograd on, or while compiling, it folds afresh."""
+    if head.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return fold()
+    state = list(head.parameters()) + list(head.buffers())
+    key = tuple((id(t), t._version, t.device, t.dtype) for t in state)
+    cached = getattr(head, "_fold_cache", None)
+    if cached is None or cached[0] != key:
+        with torch.inference_mode():
+            cached = (key, fold())
+        head._fold_cache = cached
+    return cached[1]
 
 
 def finish_fused_head(head: nn.Module, maps, bias, out_hw) -> torch.Tensor:

@@ -1,0 +1,46 @@
+"""`fastseg bench` end to end at a tiny size, and the benchmark suite in its quick mode."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fastseg.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_fastseg_bench_writes_json_table_and_plot(tmp_path, capsys):
+    results = tmp_path / "benchmarks" / "results"
+    readme = tmp_path / "benchmarks" / "README.md"
+    readme.parent.mkdir(parents=True)
+    readme.write_text("# results\n<!-- results:begin -->\n<!-- results:end -->\n")
+    code = main(["bench", "--height", "64", "--width", "48", "--repeats", "2", "--warmup", "1",
+                 "--out", str(results), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| eager |" in printed and "| fused |" in printed
+    record = json.loads(next(results.glob("*.json")).read_text())
+    assert record["schema"] == "fastseg-bench/1"
+    assert {"date", "command", "device", "versions", "config", "backends", "results"} <= set(record)
+    assert record["config"]["height"] == 64 and record["config"]["batch"] == 1
+    modes = {r["mode"]: r for r in record["results"]}
+    assert set(modes) == {"eager", "fused"}
+    for r in modes.values():
+        assert {"median_ms", "images_per_s", "speedup", "max_rel_err", "argmax_agreement", "peak_mem_mb"} <= set(r)
+        assert r["median_ms"] > 0 and r["finite"]
+    assert modes["fused"]["argmax_agreement"] >= 0.999
+    png = next(results.glob("*.png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert next(results.glob("*.md")).read_text().count("|") > 10
+    assert "SegFormer-b0" in readme.read_text() and "fused ms" in readme.read_text()
+
+
+def test_benchmark_suite_quick_mode_runs():
+    env = dict(os.environ, FASTSEG_BENCH_QUICK="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "-q",
+                           "-p", "no:cacheprovider"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fastseg: fused vs eager" in proc.stdout
+    for group in ("sr_attention", "dwconv3x3_gelu", "decoder", "overlap_patch_embed", "SegFormer forward"):
+        assert group in proc.stdout
