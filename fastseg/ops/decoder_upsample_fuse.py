@@ -8,8 +8,9 @@ sum to 1, so with F = [F₄ F₃ F₂ F₁] split by input block,
 Each Pᵢ is an E-channel map at its stage's own (small) resolution; one op then resizes, sums,
 adds b, and (eval) applies the folded BN + ReLU and the classifier in the same pass.
 
-This module holds that op (:func:`upsample_sum`, backends ``triton`` and ``torch``) and the
-weight folding (:func:`fold_mlp_head`, :func:`fold_mmseg_head`). The reference is the head's
+This module holds that op (:func:`upsample_sum`, backends ``triton`` — one kernel for the forward
+with the classifier GEMM in its epilogue, a gather kernel for the resize adjoint — and ``torch``)
+and the weight folding (:func:`fold_mlp_head`, :func:`fold_mmseg_head`). The reference is the head's
 own eager forward in :mod:`fastseg.models.segformer`.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastseg.ops import dispatch
+from fastseg.ops.sr_attention import triton_auto_reasons, triton_device_reasons
 
 
 def _resize(m: torch.Tensor, out_hw) -> torch.Tensor:
@@ -55,6 +57,87 @@ def upsample_sum_torch(maps, out_hw, bias=None, relu=False, classifier_weight=No
     return y
 
 
+# --- triton backend -------------------------------------------------------------------------------
+
+_kernel_module = None
+
+
+def _kernels():
+    """The Triton kernel module, or the ImportError text (imported once)."""
+    global _kernel_module
+    if _kernel_module is None:
+        try:
+            from fastseg.kernels import decoder_upsample_fuse as module
+        except ImportError as e:
+            module = str(e)
+        _kernel_module = module
+    return _kernel_module
+
+
+@torch.library.custom_op("fastseg::upsample_sum_fwd", mutates_args=())
+def _fwd_op(maps: list[torch.Tensor], H: int, W: int, bias: torch.Tensor | None, relu: bool,
+            classifier_weight: torch.Tensor | None, classifier_bias: torch.Tensor | None) -> torch.Tensor:
+    return _kernels().upsample_sum_fwd(maps, (H, W), bias, relu, classifier_weight, classifier_bias)
+
+
+@_fwd_op.register_fake
+def _(maps, H, W, bias, relu, classifier_weight, classifier_bias):
+    B, E = maps[0].shape[0], maps[0].shape[3]
+    return maps[0].new_empty((B, H, W, E if classifier_weight is None else classifier_weight.shape[0]))
+
+
+@torch.library.custom_op("fastseg::upsample_sum_bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Adjoint of the resize for maps of sizes (h₀, w₀, h₁, w₁, …), none of them at full size."""
+    shapes = [(sizes[i], sizes[i + 1]) for i in range(0, len(sizes), 2)]
+    return _kernels().upsample_sum_bwd(dout, shapes)
+
+
+@_bwd_op.register_fake
+def _(dout, sizes):
+    B, _, _, E = dout.shape
+    return [dout.new_empty((B, sizes[i], sizes[i + 1], E)) for i in range(0, len(sizes), 2)]
+
+
+class UpsampleSumFunction(torch.autograd.Function):
+    """Forward: the Triton kernel. Backward (the training form: no ReLU, no classifier): dout for
+    maps already at full size, the gather adjoint kernel for resized ones, Σ dout for the bias."""
+
+    @staticmethod
+    def forward(ctx, H: int, W: int, bias, *maps):
+        ctx.sizes = [tuple(m.shape[1:3]) for m in maps]
+        ctx.has_bias = bias is not None
+        return torch.ops.fastseg.upsample_sum_fwd(list(maps), H, W, bias, False, None, None)
+
+    @staticmethod
+    def backward(ctx, dout):
+        H, W = dout.shape[1:3]
+        resized = [hw for hw in ctx.sizes if hw != (H, W)]
+        flat = [v for hw in resized for v in hw]
+        adjoints = iter(torch.ops.fastseg.upsample_sum_bwd(dout, flat) if resized else [])
+        dmaps = [dout if hw == (H, W) else next(adjoints) for hw in ctx.sizes]
+        dbias = dout.sum((0, 1, 2)) if ctx.has_bias else None
+        return (None, None, dbias, *dmaps)
+
+
+def upsample_sum_triton(maps, out_hw, bias=None, relu=False, classifier_weight=None, classifier_bias=None):
+    H, W = out_hw
+    if relu or classifier_weight is not None:  # inference form: no backward (see _triton_reasons)
+        return torch.ops.fastseg.upsample_sum_fwd(maps, H, W, bias, relu, classifier_weight, classifier_bias)
+    return UpsampleSumFunction.apply(H, W, bias, *maps)
+
+
+def _triton_reasons(device: torch.device, dtype: torch.dtype, needs_grad: bool = False,
+                    inference_form: bool = False, **_) -> list[str]:
+    kernels = _kernels()
+    if isinstance(kernels, str):
+        return [f"triton is not importable ({kernels})"]
+    reasons = [] if dtype in kernels.SUPPORTED_DTYPES else [f"dtype {dtype}"]
+    if needs_grad and inference_form:
+        reasons.append("the kernel's backward covers the training form (no ReLU/classifier inside)")
+    return reasons + triton_device_reasons(device, dtype)
+
+
 def check_maps(maps, out_hw) -> None:
     if not isinstance(maps, (list, tuple)) or not 1 <= len(maps) <= 4:
         raise ValueError(f"upsample_sum: expected a list of 1 to 4 maps, got {type(maps).__name__}")
@@ -79,8 +162,10 @@ def upsample_sum(maps, out_hw, bias=None, relu=False, classifier_weight=None, cl
     Returns (B, H, W, E), or (B, H, W, K) logits with a classifier. Differentiable.
     """
     check_maps(maps, out_hw)
+    tensors = [*maps, bias, classifier_weight, classifier_bias]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     impl = dispatch.resolve("decoder_upsample_fuse", device=maps[0].device, dtype=maps[0].dtype,
-                            classifier=classifier_weight is not None)
+                            needs_grad=needs_grad, inference_form=relu or classifier_weight is not None)
     return impl(list(maps), tuple(out_hw), bias, relu, classifier_weight, classifier_bias)
 
 
@@ -138,5 +223,7 @@ def fold_mmseg_head(branches, fuse_weight: torch.Tensor, bn: torch.nn.BatchNorm2
 
 
 dispatch.register_reference("decoder_upsample_fuse", upsample_sum_reference)
+dispatch.register("decoder_upsample_fuse", dispatch.Backend(
+    "triton", _triton_reasons, upsample_sum_triton, auto_reasons=triton_auto_reasons))
 dispatch.register("decoder_upsample_fuse", dispatch.Backend(
     "torch", lambda dtype, **_: [] if dtype.is_floating_point else [f"dtype {dtype}"], upsample_sum_torch))

@@ -1,26 +1,296 @@
-"""Overlapping patch embedding: strided conv, flatten to tokens, LayerNorm over C.
+"""Overlapping patch embedding of the MiT encoder: strided conv, flatten to tokens, LayerNorm over C.
 
-    tokens = LayerNorm(conv2d(x, weight, bias, stride, padding=k // 2))   x: (B, Cin, H, W)
-    returns tokens (B, Ho·Wo, C), Ho, Wo
+    y      = conv2d(x, weight, bias, stride, padding=k // 2)        (B, C, Ho, Wo)
+    tokens = LayerNorm_C(y.flatten(2).transpose(1, 2)) * ln_weight + ln_bias      (B, Ho·Wo, C)
+    Ho     = (H + 2·(k // 2) − k) // stride + 1, likewise Wo
+
+Stage 1 is k7 s4 from the (B, 3, H, W) image; stages 2–4 are k3 s2 from the previous stage's
+tokens (B, H·W, Cin), passed with ``hw=(H, W)``: tokens are a channels-last image, and every
+backend reads them as the NCHW view ``x.view(B, H, W, Cin).permute(0, 3, 1, 2)`` without a copy.
+
+Backends (chosen by :mod:`fastseg.ops.dispatch`):
+
+- ``cuda``: the compiled extension's CUDA kernel (``csrc/``): the conv as an implicit GEMM that
+  reads the image / token input in place, bias + LayerNorm in the epilogue, tokens out; backward
+  recomputes the conv rows and runs the LayerNorm backward in one kernel, then the conv's input
+  and weight gradients through ``at::convolution_backward`` (cuDNN). fp32, fp16, bf16.
+- ``cpp``: the extension's C++ CPU kernel: im2col from the input's own layout, one GEMM (MKL)
+  writing tokens, a fused LayerNorm pass; backward by the same blocks. fp32 and fp64.
+- ``torch``: stock ops without layout copies: conv on the channels-last (token) view, whose
+  output flattens to tokens as a view, then ``F.layer_norm``. The fallback when the extension is
+  not built, and the choice for bf16/fp16 on CPU.
+- reference: the official NVlabs code, op for op.
+
+The extension's ops are ``torch.ops.fastseg_ext.overlap_patch_embed_fwd`` / ``_bwd``, defined in
+C++ with ``TORCH_LIBRARY``; their fake implementations are registered here, so ``torch.compile``
+and ``torch.export`` trace the op without graph breaks. If the extension cannot be loaded
+(not built, ``FASTSEG_SKIP_EXT=1``, built for another torch), the automatic choice falls back to
+``torch`` with one warning, and ``python -m fastseg info`` gives the reason.
 """
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from fastseg.ops import dispatch
 
+OP = "overlap_patch_embed"
+CPP_DTYPES = (torch.float32, torch.float64)
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CUDA_MAX_CHANNELS = 1024  # one CUDA program holds whole rows of C for the LayerNorm epilogue
 
-def overlap_patch_embed_reference(x, weight, bias, stride: int, ln_weight, ln_bias, eps: float):
+
+def _as_image(x: torch.Tensor, hw) -> torch.Tensor:
+    """Tokens (B, H·W, Cin) with hw=(H, W) → the (B, Cin, H, W) view of the same memory; an image as is."""
+    if hw is None:
+        return x
+    H, W = hw
+    B, _, Cin = x.shape
+    return x.view(B, H, W, Cin).permute(0, 3, 1, 2)
+
+
+def _out_size(size: int, k: int, stride: int) -> int:
+    return (size + 2 * (k // 2) - k) // stride + 1
+
+
+def overlap_patch_embed_reference(x, weight, bias, stride: int, ln_weight, ln_bias, eps: float, hw=None):
+    """The official NVlabs math: conv, flatten(2).transpose(1, 2), F.layer_norm.
+
+    x: (B, Cin, H, W) image, or tokens (B, H·W, Cin) with hw=(H, W) (viewed as an image, no copy).
+    Returns tokens (B, Ho·Wo, C), Ho, Wo.
+    """
+    if hw is not None:
+        x = _as_image(x, hw)
     x = F.conv2d(x, weight, bias, stride=stride, padding=weight.shape[-1] // 2)
     _, _, H, W = x.shape
     x = x.flatten(2).transpose(1, 2)
     return F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps), H, W
 
 
-def overlap_patch_embed(x, weight, bias, stride: int, ln_weight, ln_bias, eps: float):
-    impl = dispatch.resolve("overlap_patch_embed", device=x.device, dtype=x.dtype)
-    return impl(x, weight, bias, stride, ln_weight, ln_bias, eps)
+def check_inputs(x, weight, bias, stride, ln_weight, ln_bias, hw=None) -> None:
+    """Ranks, channel counts, kernel and stride, dtypes and devices, named in the error."""
+    where = "overlap_patch_embed"
+    tensors = {"x": x, "weight": weight, "ln_weight": ln_weight, "ln_bias": ln_bias}
+    if bias is not None:
+        tensors["bias"] = bias
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if hw is None:
+        if x.ndim != 4:
+            raise ValueError(f"{where}: x must be an image (B, Cin, H, W), or tokens (B, H·W, Cin) with hw=(H, W); "
+                             f"got shape {tuple(x.shape)} and no hw")
+    else:
+        if x.ndim != 3:
+            raise ValueError(f"{where}: with hw={hw!r}, x must be tokens (B, H·W, Cin), got shape {tuple(x.shape)}")
+        if len(hw) != 2 or any(not isinstance(v, int) and not isinstance(v, torch.SymInt) for v in hw):
+            raise TypeError(f"{where}: hw must be a pair of ints (H, W), got {hw!r}")
+        if hw[0] < 1 or hw[1] < 1 or hw[0] * hw[1] != x.shape[1]:
+            raise ValueError(f"{where}: hw={tuple(hw)} does not match the {x.shape[1]} tokens of x {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: x must be floating point, got {x.dtype}")
+    if weight.ndim != 4:
+        raise ValueError(f"{where}: weight must be a conv weight (C, Cin, k, k), got shape {tuple(weight.shape)}")
+    C, cin_w, kh, kw = weight.shape
+    cin = x.shape[1] if hw is None else x.shape[2]
+    if kh != kw:
+        raise ValueError(f"{where}: only square kernels are supported, got a {kh}x{kw} kernel")
+    if cin != cin_w:
+        raise ValueError(f"{where}: x has {cin} channels but weight {tuple(weight.shape)} expects {cin_w}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"{where}: stride must be an int >= 1, got {stride!r}")
+    if x.shape[0] == 0 or x.numel() == 0:
+        raise ValueError(f"{where}: empty input, x has shape {tuple(x.shape)}")
+    for name in ("ln_weight", "ln_bias", "bias"):
+        t = tensors.get(name)
+        if t is not None and tuple(t.shape) != (C,):
+            raise ValueError(f"{where}: {name} must have shape ({C},) for {C} output channels, got {tuple(t.shape)}")
+    for name, t in tensors.items():
+        if t.dtype != x.dtype:
+            raise TypeError(f"{where}: {name} is {t.dtype} but x is {x.dtype}; cast them to one dtype")
+        if t.device != x.device:
+            raise ValueError(f"{where}: {name} is on {t.device} but x is on {x.device}; move them to one device")
 
 
-dispatch.register_reference("overlap_patch_embed", overlap_patch_embed_reference)
+# --- the compiled extension ---------------------------------------------------------------------
+
+_extension_state = None  # the loaded module, or the reason it is unavailable (a str); loaded once
+_fallback_warned = False
+
+
+def _load_extension():
+    if os.environ.get("FASTSEG_SKIP_EXT", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "FASTSEG_SKIP_EXT is set"
+    try:
+        from fastseg import _C as module
+    except ModuleNotFoundError:
+        return ("fastseg._C is not installed: reinstall with `pip install --no-build-isolation -e .` on a "
+                "machine with a C++ compiler")
+    except (ImportError, OSError) as e:  # e.g. built against another torch: undefined symbols
+        return f"fastseg._C failed to load: {e}; rebuild it against this torch"
+    _register_fakes()
+    return module
+
+
+def extension():
+    """The compiled extension module ``fastseg._C``, or a str saying why it is unavailable."""
+    global _extension_state
+    if _extension_state is None:
+        _extension_state = _load_extension()
+    return _extension_state
+
+
+def _register_fakes() -> None:
+    """Shapes, dtypes and strides of the extension ops' outputs, for FakeTensor tracing."""
+
+    @torch.library.register_fake("fastseg_ext::overlap_patch_embed_fwd")
+    def _(x, weight, bias, ln_weight, ln_bias, stride, padding, eps):
+        B, _, H, W = x.shape
+        C, _, k, _ = weight.shape
+        Ho = (H + 2 * padding - k) // stride + 1
+        Wo = (W + 2 * padding - k) // stride + 1
+        stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (x.new_empty((B, Ho * Wo, C)), x.new_empty((B * Ho * Wo,), dtype=stat),
+                x.new_empty((B * Ho * Wo,), dtype=stat))
+
+    @torch.library.register_fake("fastseg_ext::overlap_patch_embed_bwd")
+    def _(grad_out, x, weight, bias, ln_weight, mean, rstd, stride, padding, needs_dx, needs_dweight):
+        C = weight.shape[0]
+        dx = torch.empty_like(x) if needs_dx else x.new_empty((0,))  # the kernels keep x's layout
+        dweight = weight.new_empty(weight.shape) if needs_dweight else weight.new_empty((0,))
+        return dx, dweight, weight.new_empty((C,)), ln_weight.new_empty((C,)), ln_weight.new_empty((C,))
+
+
+class OverlapPatchEmbedFunction(torch.autograd.Function):
+    """The extension's forward; its backward recomputes the conv rows instead of keeping them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ln_weight, ln_bias, stride: int, eps: float):
+        padding = weight.shape[-1] // 2
+        out, mean, rstd = torch.ops.fastseg_ext.overlap_patch_embed_fwd(
+            x, weight, bias, ln_weight, ln_bias, stride, padding, eps)
+        ctx.save_for_backward(x, weight, bias, ln_weight, mean, rstd)
+        ctx.stride, ctx.padding = stride, padding
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, ln_weight, mean, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dweight, dbias, dln_weight, dln_bias = torch.ops.fastseg_ext.overlap_patch_embed_bwd(
+            grad_out, x, weight, bias, ln_weight, mean, rstd, ctx.stride, ctx.padding, need[0], need[1])
+        return (dx if need[0] else None, dweight if need[1] else None,
+                dbias if bias is not None and need[2] else None,
+                dln_weight if need[3] else None, dln_bias if need[4] else None, None, None)
+
+
+def overlap_patch_embed_extension(x, weight, bias, stride: int, ln_weight, ln_bias, eps: float, hw=None):
+    """The ``cuda`` / ``cpp`` backends: one kernel forward, reading x in place (any strides)."""
+    x4 = _as_image(x, hw)
+    k = weight.shape[-1]
+    out = OverlapPatchEmbedFunction.apply(x4, weight, bias, ln_weight, ln_bias, int(stride), float(eps))
+    return out, _out_size(x4.shape[2], k, stride), _out_size(x4.shape[3], k, stride)
+
+
+# --- torch backend ------------------------------------------------------------------------------
+
+def overlap_patch_embed_torch(x, weight, bias, stride: int, ln_weight, ln_bias, eps: float, hw=None):
+    """Stock ops, no layout copies: the conv runs channels-last, so its output is tokens as a view."""
+    x4 = _as_image(x, hw)
+    if not x4.is_contiguous(memory_format=torch.channels_last):
+        # An NCHW image (3 channels at stage 1): one small copy, so the conv writes channels-last
+        # output and the transposed copy of its C-times-larger output disappears.
+        x4 = x4.contiguous(memory_format=torch.channels_last)
+    y = F.conv2d(x4, weight, bias, stride=stride, padding=weight.shape[-1] // 2)
+    B, C, Ho, Wo = y.shape
+    tokens = y.permute(0, 2, 3, 1).reshape(B, Ho * Wo, C)  # a view of channels-last output
+    return F.layer_norm(tokens, (C,), ln_weight, ln_bias, eps), Ho, Wo
+
+
+# --- dispatch -----------------------------------------------------------------------------------
+
+def _extension_reasons() -> list[str]:
+    ext = extension()
+    return [f"extension not built ({ext})"] if isinstance(ext, str) else []
+
+
+def _autocast_reasons(device: torch.device, autocast: bool = False) -> list[str]:
+    return ["autocast is on (the torch backend follows its casting rules)"] if autocast else []
+
+
+def _cpp_reasons(device: torch.device, dtype: torch.dtype, autocast: bool = False, **_) -> list[str]:
+    reasons = _extension_reasons()
+    if reasons:
+        return reasons
+    if device.type != "cpu":
+        reasons.append(f"device type {device.type!r} (the C++ kernel takes CPU tensors)")
+    if dtype not in CPP_DTYPES:
+        reasons.append(f"dtype {dtype} (the C++ kernel computes in float32/float64)")
+    return reasons + _autocast_reasons(device, autocast)
+
+
+def _cuda_reasons(device: torch.device, dtype: torch.dtype, out_channels: int | None = None,
+                  autocast: bool = False, **_) -> list[str]:
+    reasons = _extension_reasons()
+    if reasons:
+        return reasons
+    if not extension().with_cuda:
+        return ["extension built without CUDA (torch without CUDA, or no nvcc, at build time)"]
+    if device.type != "cuda":
+        reasons.append(f"device type {device.type!r}")
+    elif torch.cuda.get_device_capability(device)[0] < 8:
+        reasons.append("compute capability < 8.0 (the kernel is built for sm_80 and newer)")
+    if dtype not in CUDA_DTYPES:
+        reasons.append(f"dtype {dtype} (supports float32, float16, bfloat16)")
+    if out_channels is not None and out_channels > CUDA_MAX_CHANNELS:
+        reasons.append(f"{out_channels} output channels (the kernel holds rows of at most {CUDA_MAX_CHANNELS})")
+    return reasons + _autocast_reasons(device, autocast)
+
+
+def _torch_reasons(device: torch.device, dtype: torch.dtype, **_) -> list[str]:
+    return [] if dtype.is_floating_point else [f"dtype {dtype}"]
+
+
+dispatch.register_reference(OP, overlap_patch_embed_reference)
+dispatch.register(OP, dispatch.Backend("cuda", _cuda_reasons, overlap_patch_embed_extension))
+dispatch.register(OP, dispatch.Backend("cpp", _cpp_reasons, overlap_patch_embed_extension))
+dispatch.register(OP, dispatch.Backend("torch", _torch_reasons, overlap_patch_embed_torch))
+
+
+def _warn_if_extension_missing(choice: dispatch.Choice) -> None:
+    """One warning per process when the automatic choice passed over the extension because it is
+    not built (never while torch.compile traces: the eager call has warned already)."""
+    global _fallback_warned
+    if _fallback_warned or choice.forced or choice.backend not in ("torch", dispatch.REFERENCE):
+        return
+    if torch.compiler.is_compiling():
+        return
+    why = [r for name in ("cuda", "cpp") for r in choice.skipped.get(name, []) if r.startswith("extension not built")]
+    if why:
+        _fallback_warned = True
+        warnings.warn(f"fastseg: the compiled patch-embedding kernels are unavailable: {why[0]}; "
+                      f"overlap_patch_embed uses the {choice.backend!r} backend instead", RuntimeWarning, stacklevel=3)
+
+
+def _autocast_on(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4 took no device type
+        return torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def overlap_patch_embed(x, weight, bias, stride: int, ln_weight, ln_bias, eps: float, hw=None):
+    """Fused overlapping patch embedding; the backend is chosen by :mod:`fastseg.ops.dispatch`.
+
+    x: image (B, Cin, H, W) in any memory format, or tokens (B, H·W, Cin) with ``hw=(H, W)``;
+    weight: (C, Cin, k, k), bias: (C,) or None, stride: int, ln_weight / ln_bias: (C,), eps: float.
+    Returns tokens (B, Ho·Wo, C) (contiguous), Ho, Wo. Differentiable in x and every parameter.
+    """
+    check_inputs(x, weight, bias, stride, ln_weight, ln_bias, hw)
+    choice = dispatch.choose(OP, device=x.device, dtype=x.dtype, out_channels=weight.shape[0],
+                             autocast=_autocast_on(x.device))
+    _warn_if_extension_missing(choice)
+    return dispatch.implementation(OP, choice.backend)(x, weight, bias, stride, ln_weight, ln_bias, eps, hw)

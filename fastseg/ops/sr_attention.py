@@ -132,40 +132,45 @@ def sr_attention_triton(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale
     return SRAttentionFunction.apply(q, kv, num_heads, float(scale))
 
 
+def triton_device_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Why Triton kernels cannot run on this device/dtype (shared by every Triton backend)."""
+    from fastseg.kernels import interpreter_enabled, interpreter_ready
+
+    if device.type == "cuda":
+        if interpreter_enabled():
+            return ["TRITON_INTERPRET=1 is set, so Triton cannot launch on CUDA tensors"]
+        if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8:
+            return ["bfloat16 needs compute capability >= 8.0"]
+        return []
+    if device.type == "cpu":
+        if not interpreter_enabled():
+            return ["CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)"]
+        if not interpreter_ready():
+            return ["triton was imported before its interpreter was switched on; set "
+                    "TRITON_INTERPRET=1 before importing triton"]
+        if dtype == torch.bfloat16:
+            # Seen with triton 3.9: the interpreter's tl.dot on bf16 operands returns garbage.
+            return ["bfloat16 tl.dot is wrong under Triton's interpreter; check bf16 on a GPU"]
+        return []
+    return [f"device type {device.type!r}"]
+
+
+def triton_auto_reasons(device: torch.device, **_) -> list[str]:
+    if device.type == "cpu":
+        return ["on CPU Triton runs only under its interpreter (a test tool, slow); FASTSEG_BACKEND=triton forces it"]
+    return []
+
+
 def _triton_reasons(device: torch.device, dtype: torch.dtype, head_dim: int = 64, **_) -> list[str]:
     kernels = _kernels()
     if isinstance(kernels, str):
         return [f"triton is not importable ({kernels})"]
-    from fastseg.kernels import interpreter_enabled, interpreter_ready
-
     reasons = []
     if dtype not in kernels.SUPPORTED_DTYPES:
         reasons.append(f"dtype {dtype} (supports {', '.join(map(str, kernels.SUPPORTED_DTYPES))})")
     if not kernels.MIN_HEAD_DIM <= head_dim <= kernels.MAX_HEAD_DIM:
         reasons.append(f"head dim {head_dim} outside [{kernels.MIN_HEAD_DIM}, {kernels.MAX_HEAD_DIM}]")
-    if device.type == "cuda":
-        if interpreter_enabled():
-            reasons.append("TRITON_INTERPRET=1 is set, so Triton cannot launch on CUDA tensors")
-        elif dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8:
-            reasons.append("bfloat16 needs compute capability >= 8.0")
-    elif device.type == "cpu":
-        if not interpreter_enabled():
-            reasons.append("CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
-        elif not interpreter_ready():
-            reasons.append("triton was imported before its interpreter was switched on; set "
-                           "TRITON_INTERPRET=1 before importing triton")
-        elif dtype == torch.bfloat16:
-            # Seen with triton 3.9: the interpreter's tl.dot on bf16 operands returns garbage.
-            reasons.append("bfloat16 tl.dot is wrong under Triton's interpreter; check bf16 on a GPU")
-    else:
-        reasons.append(f"device type {device.type!r}")
-    return reasons
-
-
-def _triton_auto_reasons(device: torch.device, **_) -> list[str]:
-    if device.type == "cpu":
-        return ["on CPU Triton runs only under its interpreter (a test tool, slow); FASTSEG_BACKEND=triton forces it"]
-    return []
+    return reasons + triton_device_reasons(device, dtype)
 
 
 def _torch_reasons(device: torch.device, dtype: torch.dtype, **_) -> list[str]:
@@ -174,7 +179,7 @@ def _torch_reasons(device: torch.device, dtype: torch.dtype, **_) -> list[str]:
 
 dispatch.register_reference("sr_attention", sr_attention_reference)
 dispatch.register("sr_attention", dispatch.Backend(
-    "triton", _triton_reasons, sr_attention_triton, auto_reasons=_triton_auto_reasons))
+    "triton", _triton_reasons, sr_attention_triton, auto_reasons=triton_auto_reasons))
 dispatch.register("sr_attention", dispatch.Backend("torch", _torch_reasons, sr_attention_torch))
 
 
