@@ -183,9 +183,10 @@ def test_torch_compile_traces_the_fused_model_without_graph_breaks():
     model = SegFormer("b0", num_classes=3).set_fused(True).eval().to(TRITON_DEVICE)
     x = torch.randn(1, 3, 35, 33, device=TRITON_DEVICE)
     for backend in ("triton", "torch"):
-        with use_backend(backend):
-            torch._dynamo.reset()
-            explanation = torch._dynamo.explain(model)(x)
+        for grad in (True, False):  # no_grad: the all-in-one inference kernels
+            with use_backend(backend), torch.set_grad_enabled(grad):
+                torch._dynamo.reset()
+                explanation = torch._dynamo.explain(model)(x)
             assert explanation.graph_break_count == 0, explanation.break_reasons
             assert explanation.graph_count == 1
 

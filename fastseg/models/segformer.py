@@ -287,12 +287,17 @@ def finish_fused_head(head: nn.Module, maps, bias, out_hw) -> torch.Tensor:
     Returns logits (B, K, H, W) as a channels-last view.
     """
     cls = head.classifier
-    if not head.training:
-        logits = ops.upsample_sum(maps, out_hw, bias, relu=True,
-                                  classifier_weight=cls.weight.flatten(1), classifier_bias=cls.bias)
-        return logits.permute(0, 3, 1, 2)
-    y = ops.upsample_sum(maps, out_hw, bias).permute(0, 3, 1, 2)
-    return cls(head.dropout(F.relu(head.bn(y))))
+    if head.training:
+        y = ops.upsample_sum(maps, out_hw, bias).permute(0, 3, 1, 2)
+        return cls(head.dropout(F.relu(head.bn(y))))
+    if torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters()):
+        # Eval with autograd on (e.g. explaining a model): ReLU and classifier as stock ops after
+        # the differentiable resize-sum, since the all-in-one kernel has no backward.
+        y = F.relu(ops.upsample_sum(maps, out_hw, bias))
+        return F.linear(y, cls.weight.flatten(1), cls.bias).permute(0, 3, 1, 2)
+    logits = ops.upsample_sum(maps, out_hw, bias, relu=True,
+                              classifier_weight=cls.weight.flatten(1), classifier_bias=cls.bias)
+    return logits.permute(0, 3, 1, 2)
 
 
 def check_images(x, model: nn.Module | None = None) -> None:
