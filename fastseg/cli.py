@@ -1,4 +1,4 @@
-"""Command line: ``fastseg bench`` (eager vs fused on one model) and ``fastseg info`` (backends)."""
+"""Command line: ``fastseg bench | info | train | eval | predict``."""
 from __future__ import annotations
 
 import argparse
@@ -12,10 +12,11 @@ def info(args) -> int:
     from fastseg.ops import dispatch
 
     print(f"fastseg {fastseg.__version__}, torch {torch.__version__}")
-    try:
-        import triton
-        print(f"triton {triton.__version__}")
-    except ImportError:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # the version only: importing triton here would fix its mode before fastseg.kernels does
+        print(f"triton {version('triton')}")
+    except PackageNotFoundError:
         print("triton: not installed")
     cuda = torch.cuda.is_available()
     print(f"CUDA: {torch.cuda.get_device_name(0) if cuda else 'not available'}")
@@ -47,6 +48,17 @@ def main(argv=None) -> int:
     p.set_defaults(func=bench.main)
     p = sub.add_parser("info", help="what is installed and which backend each op uses")
     p.set_defaults(func=info)
+    from fastseg import evaluate, train
+
+    p = sub.add_parser("train", help="train SegFormer/SETR (--fused for the kernels; torchrun for DDP)")
+    train.add_arguments(p)
+    p.set_defaults(func=train.main)
+    p = sub.add_parser("eval", help="mIoU / aAcc / mAcc of a checkpoint (whole, sliding window, multi-scale)")
+    evaluate.add_eval_arguments(p)
+    p.set_defaults(func=evaluate.eval_main)
+    p = sub.add_parser("predict", help="colourised masks (and overlays) for images")
+    evaluate.add_predict_arguments(p)
+    p.set_defaults(func=evaluate.predict_main)
     args = parser.parse_args(argv)
     args.argv = argv[1:]
     return args.func(args)

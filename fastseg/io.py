@@ -58,7 +58,7 @@ def load_torch_file(path: Path) -> object:
                 "torch.save(model.state_dict(), ...) or as .safetensors"
             ) from None
         raise CheckpointError(f"could not read {path}: the file is corrupt or truncated ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise CheckpointError(

@@ -131,11 +131,15 @@ CASES_FP32 = [
     (1, 7, 9, 40, "none", False),    # no bias, ragged channel block
     (1, 13, 11, 96, "tanh", True),   # 4 row strips, 2 column tiles, 2 channel blocks
     (1, 6, 17, 160, "none", True),   # 3 column tiles, 3 channel blocks
+    (1, 3, 5, 320, "none", True),    # the odd sizes and non-power-of-two widths
+    (1, 1, 1, 1280, "none", True),
+    (1, 61, 47, 40, "none", True),
 ]
 CASES_FP16 = [
     ((2, 7, 9, 40, "none", True), None),
     ((1, 13, 11, 96, "tanh", False), None),
     ((1, 5, 3, 160, "none", True), torch.float32),  # fp32 weight/bias with fp16 activations
+    ((1, 3, 5, 1280, "none", True), None),
 ]
 CASES_BF16 = [
     ((2, 7, 9, 40, "none", True), None),

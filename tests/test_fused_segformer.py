@@ -23,6 +23,26 @@ def pair(variant="b0", decoder="mlp", classes=7, **cfg):
     return ref, fused
 
 
+def assert_grads_match(fused, ref, gold):
+    """Parameter gradients of the fused fp32 model against an fp64 gold model.
+
+    Each gradient is judged relative to its own magnitude, floored at 1% of the model's largest
+    gradient: the biases feeding a training-mode BN, and q where Nkv = 1, have gradients that are
+    zero up to rounding. Deep in a random network fp32 rounding is amplified, so the bar is 1e-4
+    or twice the eager fp32 model's error, whichever is larger.
+    """
+    gold_params = dict(gold.named_parameters())
+    fused_params, ref_params = dict(fused.named_parameters()), dict(ref.named_parameters())
+    floor = 1e-2 * max(p.grad.abs().max().item() for p in gold_params.values())
+    for name, g in gold_params.items():
+        q = fused_params[name]
+        assert q.grad is not None, f"no gradient reached {name}"
+        scale = max(g.grad.abs().max().item(), floor)
+        err = (q.grad.double() - g.grad).abs().max().item() / scale
+        eager_err = (ref_params[name].grad.double() - g.grad).abs().max().item() / scale
+        assert err <= max(1e-4, 2 * eager_err), f"{name}: fused {err:.2e}, eager {eager_err:.2e}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("decoder", ["mlp", "mmseg"])
 @pytest.mark.parametrize("H,W", [(61, 47), (33, 95)])
@@ -55,20 +75,7 @@ def test_training_step_matches_grads_and_bn_statistics(backend, decoder):
         fused(x).backward(grad)
     ref(x).backward(grad)
     gold(x.double()).backward(grad.double())
-    gold_params = dict(gold.named_parameters())
-    fused_params, ref_params = dict(fused.named_parameters()), dict(ref.named_parameters())
-    # Each gradient relative to its own magnitude, floored at 1% of the model's largest gradient:
-    # the biases feeding a training-mode BN, and q with Nkv = 1, have gradients that are zero up
-    # to rounding. Deep in a random network fp32 rounding is amplified, so the bar is 1e-4 or
-    # twice the eager fp32 error.
-    floor = 1e-2 * max(p.grad.abs().max().item() for p in gold_params.values())
-    for name, g in gold_params.items():
-        q = fused_params[name]
-        assert q.grad is not None, f"no gradient reached {name}"
-        scale = max(g.grad.abs().max().item(), floor)
-        err = (q.grad.double() - g.grad).abs().max().item() / scale
-        eager_err = (ref_params[name].grad.double() - g.grad).abs().max().item() / scale
-        assert err <= max(1e-4, 2 * eager_err), f"{name}: fused {err:.2e}, eager {eager_err:.2e}"
+    assert_grads_match(fused, ref, gold)
     # BN running statistics update as in eager (momentum, unbiased variance, batch counter).
     for (name, a), (_, b) in zip(ref.named_buffers(), fused.named_buffers()):
         assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-6), name
@@ -103,6 +110,7 @@ def pyramid(B, E, sizes, dtype=torch.float32, requires_grad=False):
 @pytest.mark.parametrize("sizes,out", [
     ([(16, 12), (8, 6), (4, 3), (2, 2)], (16, 12)),
     ([(15, 11), (8, 6), (4, 3), (2, 2)], (15, 11)),
+    ([(25, 33), (13, 17), (7, 9), (4, 5)], (25, 33)),  # the stages of a 97x131 image: no ratio divides
     ([(5, 7), (9, 3)], (6, 4)),  # a downsampling resize too
     ([(1, 1)], (3, 5)),
 ])
@@ -154,3 +162,24 @@ def test_inference_fold_cache_never_serves_stale_weights():
     ref.load_state_dict(fused.state_dict())
     with torch.inference_mode():
         assert rel_err(fused(x), ref(x)) < 1e-4
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_odd_image_97x131_train_and_eval(training):
+    """Stages of 25x33, 13x17, 7x9, 4x5: bilinear source and destination never divide."""
+    ref, fused = pair(drop_path_rate=0.0, decoder_dropout=0.0)
+    gold = copy.deepcopy(ref).double()
+    for model in (ref, fused, gold):
+        model.train(training)
+    x = torch.randn(2, 3, 97, 131)
+    with torch.set_grad_enabled(training):
+        want, got, best = ref(x), fused(x), gold(x.double())
+    assert got.shape == (2, 7, 25, 33)
+    assert rel_err(got.detach(), best.detach()) < 1e-4
+    if training:
+        target = torch.randint(0, 7, (2, 25, 33))
+        losses = [torch.nn.functional.cross_entropy(out, target) for out in (want, got, best)]
+        assert abs(losses[1].item() - losses[2].item()) < 1e-5 * losses[2].item()
+        for loss in losses:
+            loss.backward()
+        assert_grads_match(fused, ref, gold)
