@@ -257,3 +257,24 @@ def test_loader_output_does_not_depend_on_workers():
 
     (x0, y0), (x2, y2) = first_batch(0), first_batch(2)
     assert torch.equal(x0, x2) and torch.equal(y0, y2)
+
+
+def test_bad_files_are_named(tmp_path):
+    """An unreadable image, a mask of another size, labels out of range: each error names the file."""
+    for stem in ("ok", "broken", "small", "range"):
+        label = np.full((12, 16), 1, dtype=np.uint8)
+        if stem == "range":
+            label[3, 4] = 7  # num_classes is 3; 255 elsewhere would be fine
+            label[0, 0] = 255
+        write_pair(tmp_path / "img" / f"{stem}.png", tmp_path / "ann" / f"{stem}.png", label)
+    (tmp_path / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    Image.fromarray(np.zeros((5, 6), dtype=np.uint8)).save(tmp_path / "ann" / "small.png")
+    ds = ImageMaskFolder(tmp_path, None, num_classes=3, images="img", labels="ann")
+    names = [ds.sample_name(i) for i in range(len(ds))]
+    ds.load(names.index("ok"))
+    with pytest.raises(ValueError, match=r"broken\.png"):
+        ds.load(names.index("broken"))
+    with pytest.raises(ValueError, match=r"small\.png.*6x5"):
+        ds.load(names.index("small"))
+    with pytest.raises(ValueError, match=r"range\.png has labels \[7\]"):
+        ds.load(names.index("range"))

@@ -300,3 +300,28 @@ def test_ddp_two_cpu_processes_with_gloo(tmp_path):
     ckpt = train.load_checkpoint(train.checkpoint_paths(out / "checkpoints")[-1])
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_ddp_equals_the_equivalent_single_process_run(tmp_path):
+    """2 ranks x batch 1 == 1 process x batch 1 x 2 accumulation steps: the same samples in the
+    same pairs, BatchNorm statistics per micro-batch in both (no SyncBN on CPU), gradients
+    averaged over the pair. No stochastic layers, so the weights must agree to rounding."""
+    config = TINY[:-1] + ', "drop_path_rate": 0.0, "decoder_dropout": 0.0}'
+    common = ["--dataset", "synthetic", "--model-config", config, "--workers", "0", "--batch", "1",
+              "--iters", "3", "--lr", "1e-3", "--warmup-iters", "1", "--eval-every", "0", "--ckpt-every", "3",
+              "--device", "cpu", "--quiet", "--no-tensorboard", "--no-save-final", "--synthetic-images", "16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "fastseg.train",
+           *common, "--out", str(tmp_path / "ddp")]
+    single = [sys.executable, "-m", "fastseg.train", *common, "--accum", "2", "--out", str(tmp_path / "single")]
+    for cmd in (ddp, single):
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    weights = [train.load_checkpoint(train.checkpoint_paths(tmp_path / run / "checkpoints")[-1])["model"]
+               for run in ("ddp", "single")]
+    params = [k for k, v in weights[0].items() if v.is_floating_point() and "running" not in k]
+    assert params
+    for key in params:
+        a, b = weights[0][key], weights[1][key]
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), f"{key}: max diff {(a - b).abs().max():.2e}"

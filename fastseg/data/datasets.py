@@ -39,10 +39,15 @@ def _preview(items, limit: int = 5) -> str:
 
 def read_image(path) -> np.ndarray:
     """An image file as (H, W, 3) uint8 RGB."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # not an image, or truncated
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"cannot read image {path}: {e}") from None
 
 
 def read_label(path) -> np.ndarray:
@@ -123,6 +128,11 @@ class PairedFiles(SegmentationDataset):
                              f"{image.shape[1]}x{image.shape[0]}")
         if self.reduce_zero:
             label = reduce_zero_label(label)
+        bad = (label >= self.num_classes) & (label != IGNORE_INDEX)
+        if bad.any():
+            values = sorted(set(np.unique(label[bad]).tolist()))[:8]
+            raise ValueError(f"{label_path} has labels {values} outside 0..{self.num_classes - 1} "
+                             f"(and not the ignore index {IGNORE_INDEX})")
         return image, label
 
 
