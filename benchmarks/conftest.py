@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from fastseg.timing import measure, median
+from fastseg.timing import PeakMemory, measure, median
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 QUICK = os.environ.get("FASTSEG_BENCH_QUICK") == "1"
@@ -63,7 +63,9 @@ def run_benchmark(benchmark, fn, *, group: str, impl: str, cost=None, error: flo
     benchmark.group = group
     benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
     ms = median(measure(fn, DEVICE, warmup=1 if not QUICK else 0, repeats=ROUNDS))
-    info = {"impl": impl, "median_ms": ms}
+    with PeakMemory(DEVICE) as mem:
+        fn()
+    info = {"impl": impl, "median_ms": ms, "peak_mem_mb": mem.peak / 2**20}
     if cost is not None:
         info.update(cost.rates(ms, DEVICE))
     if error is not None:
@@ -80,9 +82,10 @@ def pytest_terminal_summary(terminalreporter):
     groups: dict[str, dict] = {}
     for r in _records:
         groups.setdefault(r["group"], {})[r["impl"]] = r
-    tr.write_line(f"{'group':58s} {'eager ms':>9s} {'fused ms':>9s} {'speedup':>8s} {'compile ms':>10s}  fused rates")
+    tr.write_line(f"{'group':58s} {'eager ms':>9s} {'fused ms':>9s} {'speedup':>8s} {'compile ms':>10s} "
+                  f"{'sdpa ms':>8s} {'peak MB e/f':>12s}  fused rates")
     for name, impls in groups.items():
-        eager, fused, comp = impls.get("eager"), impls.get("fused"), impls.get("compile")
+        eager, fused, comp, sdpa = (impls.get(k) for k in ("eager", "fused", "compile", "sdpa"))
         if not eager or not fused:
             continue
         rates = ""
@@ -90,9 +93,12 @@ def pytest_terminal_summary(terminalreporter):
             rates = f"{fused['GB/s']:.1f} GB/s, {fused['TFLOP/s']:.3f} TFLOP/s"
             if "mem_frac" in fused:
                 rates += f" ({100 * fused['mem_frac']:.0f}% mem, {100 * fused['flop_frac']:.0f}% matmul ceiling)"
+        mem = f"{eager['peak_mem_mb']:.0f}/{fused['peak_mem_mb']:.0f}"
         tr.write_line(f"{name:58s} {eager['median_ms']:9.2f} {fused['median_ms']:9.2f} "
                       f"{eager['median_ms'] / fused['median_ms']:7.2f}x "
-                      f"{comp['median_ms'] if comp else float('nan'):10.2f}  {rates}")
+                      f"{comp['median_ms'] if comp else float('nan'):10.2f} "
+                      f"{sdpa['median_ms'] if sdpa else float('nan'):8.2f} {mem:>12s}  {rates}")
+    tr.write_line("peak MB: CUDA allocator peak on GPU; sampled process RSS growth on CPU (approximate)")
 
 
 @pytest.fixture

@@ -9,9 +9,12 @@ import torch
 from conftest import COMPILE, DEVICE, DTYPE, OP_IMAGE_SIZES, case_id, check_parity, run_benchmark
 from fastseg import ops
 from fastseg.models.segformer import AllMLPDecoder
+from fastseg.ops.sr_attention import sr_attention_torch
 from fastseg.timing import attention_cost, decoder_cost, dwconv_gelu_cost, patch_embed_cost
 
 IMPLS = ["eager", "fused"] + (["compile"] if COMPILE else [])
+# fwd+bwd cost: the forward's bytes/FLOPs, plus the backward's (about 2x the bytes: q, k, v, o,
+# do read, dq, dkv written; and 2.5x the FLOPs: recomputed scores, dV, dP, dQ, dK) — a floor.
 ITEM = torch.tensor([], dtype=DTYPE).element_size()
 
 
@@ -44,6 +47,41 @@ def test_sr_attention(benchmark, impl, stage, size):
     err = check_parity(fn(), eager(), f"sr_attention {impl}") if impl != "eager" else None
     run_benchmark(benchmark, fn, group=f"sr_attention {name} {case_id(size)}", impl=impl,
                   cost=attention_cost(B, N, Nkv, C, heads, ITEM), error=err)
+
+
+@pytest.mark.parametrize("impl", ["eager", "fused", "sdpa"])
+@pytest.mark.parametrize("stage", ATTENTION_STAGES[:2], ids=lambda s: s[0])
+@pytest.mark.parametrize("size", OP_IMAGE_SIZES, ids=case_id)
+def test_sr_attention_forward_backward(benchmark, impl, stage, size):
+    """Forward + backward: the fused op keeps no N x Nkv scores (compare peak memory)."""
+    name, C, heads, sr, stride = stage
+    B, H, W = size
+    h, w = H // stride, W // stride
+    N, Nkv = h * w, (h // sr) * (w // sr)
+    q = torch.randn(B, N, C, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    kv = torch.randn(B, Nkv, 2 * C, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    grad = torch.randn(B, N, C, device=DEVICE, dtype=DTYPE)
+    scale = (C // heads) ** -0.5
+    op = {"eager": ops.sr_attention_reference, "fused": ops.sr_attention,
+          "sdpa": sr_attention_torch}[impl]
+
+    def fn():
+        q.grad = kv.grad = None
+        out = op(q, kv, heads, scale)
+        out.backward(grad)
+        return out
+
+    err = None
+    if impl != "eager":
+        got, dq = fn().detach(), q.grad.clone()
+        want = fn_eager = ops.sr_attention_reference(q, kv, heads, scale)
+        q.grad = None
+        fn_eager.backward(grad)
+        err = check_parity(got, want.detach(), f"sr_attention fwd {impl}")
+        check_parity(dq, q.grad, f"sr_attention dq {impl}")
+    cost = attention_cost(B, N, Nkv, C, heads, ITEM)
+    run_benchmark(benchmark, fn, group=f"sr_attention fwd+bwd {name} {case_id(size)}", impl=impl,
+                  cost=type(cost)(cost.bytes * 3, cost.flops * 3.5), error=err)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
