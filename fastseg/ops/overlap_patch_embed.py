@@ -14,8 +14,10 @@ Backends (chosen by :mod:`fastseg.ops.dispatch`):
   reads the image / token input in place, bias + LayerNorm in the epilogue, tokens out; backward
   recomputes the conv rows and runs the LayerNorm backward in one kernel, then the conv's input
   and weight gradients through ``at::convolution_backward`` (cuDNN). fp32, fp16, bf16.
-- ``cpp``: the extension's C++ CPU kernel: im2col from the input's own layout, one GEMM (MKL)
-  writing tokens, a fused LayerNorm pass; backward by the same blocks. fp32 and fp64.
+- ``cpp``: the extension's C++ CPU kernel: the conv by oneDNN on the channels-last view (token
+  input read in place; its output is the tokens), then a fused LayerNorm pass; an im2col + GEMM
+  engine where oneDNN is missing. Backward: fused LayerNorm backward, oneDNN conv gradients.
+  fp32 and fp64.
 - ``torch``: stock ops without layout copies: conv on the channels-last (token) view, whose
   output flattens to tokens as a view, then ``F.layer_norm``. The fallback when the extension is
   not built, and the choice for bf16/fp16 on CPU.
@@ -29,6 +31,7 @@ and ``torch.export`` trace the op without graph breaks. If the extension cannot 
 """
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -70,8 +73,9 @@ def overlap_patch_embed_reference(x, weight, bias, stride: int, ln_weight, ln_bi
     return F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps), H, W
 
 
-def check_inputs(x, weight, bias, stride, ln_weight, ln_bias, hw=None) -> None:
-    """Ranks, channel counts, kernel and stride, dtypes and devices, named in the error."""
+def check_inputs(x, weight, bias, stride, ln_weight, ln_bias, hw=None, mixed_dtypes: bool = False) -> None:
+    """Ranks, channel counts, kernel and stride, dtypes and devices, named in the error.
+    ``mixed_dtypes``: under autocast the tensors may differ in dtype (the conv casts them)."""
     where = "overlap_patch_embed"
     tensors = {"x": x, "weight": weight, "ln_weight": ln_weight, "ln_bias": ln_bias}
     if bias is not None:
@@ -109,7 +113,7 @@ def check_inputs(x, weight, bias, stride, ln_weight, ln_bias, hw=None) -> None:
         if t is not None and tuple(t.shape) != (C,):
             raise ValueError(f"{where}: {name} must have shape ({C},) for {C} output channels, got {tuple(t.shape)}")
     for name, t in tensors.items():
-        if t.dtype != x.dtype:
+        if t.dtype != x.dtype and not mixed_dtypes:
             raise TypeError(f"{where}: {name} is {t.dtype} but x is {x.dtype}; cast them to one dtype")
         if t.device != x.device:
             raise ValueError(f"{where}: {name} is on {t.device} but x is on {x.device}; move them to one device")
@@ -125,10 +129,10 @@ def _load_extension():
     if os.environ.get("FASTSEG_SKIP_EXT", "").strip().lower() in ("1", "true", "yes", "on"):
         return "FASTSEG_SKIP_EXT is set"
     try:
-        from fastseg import _C as module
+        module = importlib.import_module("fastseg._C")
     except ModuleNotFoundError:
-        return ("fastseg._C is not installed: reinstall with `pip install --no-build-isolation -e .` on a "
-                "machine with a C++ compiler")
+        return ("fastseg._C is not installed: it was built with FASTSEG_SKIP_EXT=1 or without a working "
+                "compiler; reinstall with `pip install --no-build-isolation -e .`")
     except (ImportError, OSError) as e:  # e.g. built against another torch: undefined symbols
         return f"fastseg._C failed to load: {e}; rebuild it against this torch"
     _register_fakes()
@@ -147,17 +151,18 @@ def _register_fakes() -> None:
     """Shapes, dtypes and strides of the extension ops' outputs, for FakeTensor tracing."""
 
     @torch.library.register_fake("fastseg_ext::overlap_patch_embed_fwd")
-    def _(x, weight, bias, ln_weight, ln_bias, stride, padding, eps):
+    def _(x, weight, bias, ln_weight, ln_bias, stride, padding, eps, keep_y):
         B, _, H, W = x.shape
         C, _, k, _ = weight.shape
         Ho = (H + 2 * padding - k) // stride + 1
         Wo = (W + 2 * padding - k) // stride + 1
         stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+        y = x.new_empty((B, Ho * Wo, C)) if keep_y else x.new_empty((0,))
         return (x.new_empty((B, Ho * Wo, C)), x.new_empty((B * Ho * Wo,), dtype=stat),
-                x.new_empty((B * Ho * Wo,), dtype=stat))
+                x.new_empty((B * Ho * Wo,), dtype=stat), y)
 
     @torch.library.register_fake("fastseg_ext::overlap_patch_embed_bwd")
-    def _(grad_out, x, weight, bias, ln_weight, mean, rstd, stride, padding, needs_dx, needs_dweight):
+    def _(grad_out, x, weight, bias, ln_weight, mean, rstd, y, stride, padding, needs_dx, needs_dweight):
         C = weight.shape[0]
         dx = torch.empty_like(x) if needs_dx else x.new_empty((0,))  # the kernels keep x's layout
         dweight = weight.new_empty(weight.shape) if needs_dweight else weight.new_empty((0,))
@@ -165,33 +170,49 @@ def _register_fakes() -> None:
 
 
 class OverlapPatchEmbedFunction(torch.autograd.Function):
-    """The extension's forward; its backward recomputes the conv rows instead of keeping them."""
+    """The extension's forward and backward.
+
+    keep_y (CPU, when a gradient will be needed): the forward also returns the conv rows, which the
+    backward then reuses, as eager keeps its LayerNorm input. Otherwise (CUDA) the backward kernel
+    recomputes them: no pre-LayerNorm copy is kept.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, ln_weight, ln_bias, stride: int, eps: float):
+    def forward(ctx, x, weight, bias, ln_weight, ln_bias, stride: int, eps: float, keep_y: bool):
         padding = weight.shape[-1] // 2
-        out, mean, rstd = torch.ops.fastseg_ext.overlap_patch_embed_fwd(
-            x, weight, bias, ln_weight, ln_bias, stride, padding, eps)
-        ctx.save_for_backward(x, weight, bias, ln_weight, mean, rstd)
+        out, mean, rstd, y = torch.ops.fastseg_ext.overlap_patch_embed_fwd(
+            x, weight, bias, ln_weight, ln_bias, stride, padding, eps, keep_y)
+        ctx.save_for_backward(x, weight, bias, ln_weight, mean, rstd, y if keep_y else None)
         ctx.stride, ctx.padding = stride, padding
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias, ln_weight, mean, rstd = ctx.saved_tensors
+        x, weight, bias, ln_weight, mean, rstd, y = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dweight, dbias, dln_weight, dln_bias = torch.ops.fastseg_ext.overlap_patch_embed_bwd(
-            grad_out, x, weight, bias, ln_weight, mean, rstd, ctx.stride, ctx.padding, need[0], need[1])
+            grad_out, x, weight, bias, ln_weight, mean, rstd, y, ctx.stride, ctx.padding, need[0], need[1])
         return (dx if need[0] else None, dweight if need[1] else None,
                 dbias if bias is not None and need[2] else None,
-                dln_weight if need[3] else None, dln_bias if need[4] else None, None, None)
+                dln_weight if need[3] else None, dln_bias if need[4] else None, None, None, None)
 
 
 def overlap_patch_embed_extension(x, weight, bias, stride: int, ln_weight, ln_bias, eps: float, hw=None):
     """The ``cuda`` / ``cpp`` backends: one kernel forward, reading x in place (any strides)."""
     x4 = _as_image(x, hw)
+    if x4.device.type == "cpu" and not x4.is_contiguous(memory_format=torch.channels_last):
+        # The CPU kernel convolves channels-last (an NCHW image is copied once, 3 channels at
+        # stage 1): copying here lets autograd keep the copy for the backward instead of redoing it.
+        x4 = x4.contiguous(memory_format=torch.channels_last)
     k = weight.shape[-1]
-    out = OverlapPatchEmbedFunction.apply(x4, weight, bias, ln_weight, ln_bias, int(stride), float(eps))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x4, weight, bias, ln_weight, ln_bias))
+    if needs_grad:
+        keep_y = x4.device.type == "cpu"
+        out = OverlapPatchEmbedFunction.apply(x4, weight, bias, ln_weight, ln_bias, int(stride), float(eps), keep_y)
+    else:  # inference: the op alone, without autograd bookkeeping
+        out = torch.ops.fastseg_ext.overlap_patch_embed_fwd(
+            x4, weight, bias, ln_weight, ln_bias, int(stride), k // 2, float(eps), False)[0]
     return out, _out_size(x4.shape[2], k, stride), _out_size(x4.shape[3], k, stride)
 
 
@@ -217,7 +238,7 @@ def _extension_reasons() -> list[str]:
     return [f"extension not built ({ext})"] if isinstance(ext, str) else []
 
 
-def _autocast_reasons(device: torch.device, autocast: bool = False) -> list[str]:
+def _autocast_reasons(autocast: bool) -> list[str]:
     return ["autocast is on (the torch backend follows its casting rules)"] if autocast else []
 
 
@@ -229,7 +250,7 @@ def _cpp_reasons(device: torch.device, dtype: torch.dtype, autocast: bool = Fals
         reasons.append(f"device type {device.type!r} (the C++ kernel takes CPU tensors)")
     if dtype not in CPP_DTYPES:
         reasons.append(f"dtype {dtype} (the C++ kernel computes in float32/float64)")
-    return reasons + _autocast_reasons(device, autocast)
+    return reasons + _autocast_reasons(autocast)
 
 
 def _cuda_reasons(device: torch.device, dtype: torch.dtype, out_channels: int | None = None,
@@ -247,12 +268,15 @@ def _cuda_reasons(device: torch.device, dtype: torch.dtype, out_channels: int | 
         reasons.append(f"dtype {dtype} (supports float32, float16, bfloat16)")
     if out_channels is not None and out_channels > CUDA_MAX_CHANNELS:
         reasons.append(f"{out_channels} output channels (the kernel holds rows of at most {CUDA_MAX_CHANNELS})")
-    return reasons + _autocast_reasons(device, autocast)
+    return reasons + _autocast_reasons(autocast)
 
 
 def _torch_reasons(device: torch.device, dtype: torch.dtype, **_) -> list[str]:
     return [] if dtype.is_floating_point else [f"dtype {dtype}"]
 
+
+# Loaded at import (cheap: torch is loaded already), never first inside a torch.compile trace.
+extension()
 
 dispatch.register_reference(OP, overlap_patch_embed_reference)
 dispatch.register(OP, dispatch.Backend("cuda", _cuda_reasons, overlap_patch_embed_extension))
@@ -289,8 +313,8 @@ def overlap_patch_embed(x, weight, bias, stride: int, ln_weight, ln_bias, eps: f
     weight: (C, Cin, k, k), bias: (C,) or None, stride: int, ln_weight / ln_bias: (C,), eps: float.
     Returns tokens (B, Ho·Wo, C) (contiguous), Ho, Wo. Differentiable in x and every parameter.
     """
-    check_inputs(x, weight, bias, stride, ln_weight, ln_bias, hw)
-    choice = dispatch.choose(OP, device=x.device, dtype=x.dtype, out_channels=weight.shape[0],
-                             autocast=_autocast_on(x.device))
+    autocast = _autocast_on(x.device)
+    check_inputs(x, weight, bias, stride, ln_weight, ln_bias, hw, mixed_dtypes=autocast)
+    choice = dispatch.choose(OP, device=x.device, dtype=x.dtype, out_channels=weight.shape[0], autocast=autocast)
     _warn_if_extension_missing(choice)
     return dispatch.implementation(OP, choice.backend)(x, weight, bias, stride, ln_weight, ln_bias, eps, hw)
