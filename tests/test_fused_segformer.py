@@ -166,20 +166,24 @@ def test_inference_fold_cache_never_serves_stale_weights():
 
 @pytest.mark.parametrize("training", [False, True])
 def test_odd_image_97x131_train_and_eval(training):
-    """Stages of 25x33, 13x17, 7x9, 4x5: bilinear source and destination never divide."""
+    """Stages of 25x33, 13x17, 7x9, 4x5: bilinear source and destination never divide. In fp64
+    (the CPU fused path runs it), so the rewrite must reproduce the reference to ~1e-10: a check
+    of the math itself, free of fp32 rounding noise."""
     ref, fused = pair(drop_path_rate=0.0, decoder_dropout=0.0)
-    gold = copy.deepcopy(ref).double()
-    for model in (ref, fused, gold):
-        model.train(training)
-    x = torch.randn(2, 3, 97, 131)
+    ref, fused = ref.double().train(training), fused.double().train(training)
+    x = torch.randn(2, 3, 97, 131, dtype=torch.float64)
     with torch.set_grad_enabled(training):
-        want, got, best = ref(x), fused(x), gold(x.double())
+        want, got = ref(x), fused(x)
     assert got.shape == (2, 7, 25, 33)
-    assert rel_err(got.detach(), best.detach()) < 1e-4
+    assert rel_err(got.detach(), want.detach()) < 1e-10
     if training:
         target = torch.randint(0, 7, (2, 25, 33))
-        losses = [torch.nn.functional.cross_entropy(out, target) for out in (want, got, best)]
-        assert abs(losses[1].item() - losses[2].item()) < 1e-5 * losses[2].item()
-        for loss in losses:
-            loss.backward()
-        assert_grads_match(fused, ref, gold)
+        loss_ref = torch.nn.functional.cross_entropy(want, target)
+        loss_fused = torch.nn.functional.cross_entropy(got, target)
+        assert abs(loss_fused.item() - loss_ref.item()) < 1e-10 * loss_ref.item()
+        loss_ref.backward()
+        loss_fused.backward()
+        floor = 1e-6 * max(p.grad.abs().max().item() for p in ref.parameters())
+        for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+            scale = max(p.grad.abs().max().item(), floor)
+            assert (q.grad - p.grad).abs().max().item() / scale < 1e-8, name
