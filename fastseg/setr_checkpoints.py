@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from fastseg.checkpoints import _preview  # one key-list formatter for both loaders
 from fastseg.io import CheckpointError, load_weights_file, read_json, save_json_atomic, save_safetensors_atomic
 
 FASTSEG_CONFIG = "fastseg_config.json"
@@ -113,12 +114,6 @@ class SETRLoadReport:
             lines.append(f"  ignored checkpoint keys: {_preview(self.ignored)}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def _preview(keys, limit: int = 12) -> str:
-    keys = list(keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
 
 
 # --- reading ------------------------------------------------------------------------------------------

@@ -75,7 +75,10 @@ _kernel_module = None
 
 
 def _kernels():
-    """The Triton kernel module, or the ImportError text if Triton is unavailable (imported once)."""
+    """The Triton kernel module, or the ImportError text if Triton is unavailable (imported once).
+
+    Each op keeps this small loader with a literal ``from … import``: torch.compile traces that
+    form without a graph break, whereas ``importlib.import_module`` is a function Dynamo skips."""
     global _kernel_module
     if _kernel_module is None:
         try:
