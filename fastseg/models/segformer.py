@@ -373,7 +373,24 @@ def init_classifier(decoder: nn.Module) -> None:
         decoder.classifier.reset_parameters()
 
 
-class SegFormer(nn.Module):
+class FusedSwitch:
+    """``model.fused`` / ``model.set_fused(bool)`` for a model whose submodules carry a ``fused``
+    flag: one switch moves every fused op between the fused and the reference path."""
+
+    @property
+    def fused(self) -> bool:
+        return self._fused
+
+    def set_fused(self, fused: bool = True):
+        """Switch every fused op between the fused path and the reference path (same weights)."""
+        self._fused = bool(fused)
+        for m in self.modules():
+            if hasattr(m, "fused") and m is not self:
+                m.fused = self._fused
+        return self
+
+
+class SegFormer(FusedSwitch, nn.Module):
     """SegFormer-B0…B5 for semantic segmentation.
 
     Args:
@@ -421,17 +438,6 @@ class SegFormer(nn.Module):
         return self.config.variant
 
     # -- fused / reference -------------------------------------------------------------------
-    @property
-    def fused(self) -> bool:
-        return self._fused
-
-    def set_fused(self, fused: bool = True) -> "SegFormer":
-        """Switch every fused op between the fused path and the reference path (same weights)."""
-        self._fused = bool(fused)
-        for m in self.modules():
-            if hasattr(m, "fused") and m is not self:
-                m.fused = self._fused
-        return self
 
     def backends(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> dict:
         """For each fused op, the :class:`fastseg.ops.dispatch.Choice` this model would use now."""

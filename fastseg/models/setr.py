@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastseg import ops
-from fastseg.models.segformer import DropPath, folded_weights
+from fastseg.models.segformer import DropPath, FusedSwitch, folded_weights
 
 # name: (embed dim, depth, heads). Head dim 64 throughout.
 ENCODERS: dict[str, tuple[int, int, int]] = {
@@ -599,7 +599,7 @@ def check_images(x, model: "SETR") -> None:
 
 # --- the model ------------------------------------------------------------------------------------------
 
-class SETR(nn.Module):
+class SETR(FusedSwitch, nn.Module):
     """SETR (ViT encoder + Naive / PUP / MLA decoder) for semantic segmentation.
 
     Args:
@@ -684,19 +684,7 @@ class SETR(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
-    # -- fused / reference -------------------------------------------------------------------
-    @property
-    def fused(self) -> bool:
-        return self._fused
-
-    def set_fused(self, fused: bool = True) -> "SETR":
-        """Switch every fused op between the fused path and the reference path (same weights)."""
-        self._fused = bool(fused)
-        for m in self.modules():
-            if hasattr(m, "fused") and m is not self:
-                m.fused = self._fused
-        return self
-
+    # -- fused / reference (set_fused from FusedSwitch) ------------------------------------------
     def backends(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> dict:
         """For each fused op SETR uses, the :class:`fastseg.ops.dispatch.Choice` it would use now."""
         from fastseg.ops import dispatch
