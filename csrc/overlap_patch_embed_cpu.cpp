@@ -360,10 +360,16 @@ at::Tensor channels_last_input(const at::Tensor& x) {
   return x.is_contiguous(at::MemoryFormat::ChannelsLast) ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// Small maps with wide channels (stage 4 at 512x512: 2·Ho·Wo <= C): oneDNN's channels-last conv
+// measured ~1.4x slower than NCHW there (csrc/bench_cpu.py), so those convolve in NCHW; the
+// tensors are small at such sizes, so the layout copies are cheap.
+bool prefer_nchw(const PatchEmbedShape& s) { return 2 * s.Ho * s.Wo <= s.C; }
+
 // y = conv(x) + bias as channels-last (B, C, Ho, Wo): its memory is the token matrix (M, C).
-at::Tensor conv_rows(const at::Tensor& x_cl, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+at::Tensor conv_rows(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      const PatchEmbedShape& s) {
-  at::Tensor y = at::convolution(x_cl, weight, bias, {s.stride, s.stride}, {s.pad, s.pad}, {1, 1}, false, {0, 0}, 1);
+  const at::Tensor input = prefer_nchw(s) ? x.contiguous() : channels_last_input(x);
+  at::Tensor y = at::convolution(input, weight, bias, {s.stride, s.stride}, {s.pad, s.pad}, {1, 1}, false, {0, 0}, 1);
   return y.is_contiguous(at::MemoryFormat::ChannelsLast) ? y : y.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
@@ -385,7 +391,7 @@ FwdResult overlap_patch_embed_fwd_cpu(const at::Tensor& x, const at::Tensor& wei
 
   if (cpu_engine() == Engine::kConv) {
     // The channels-last conv output (B, C, Ho, Wo) is the token matrix (M, C): a view, no copy.
-    y = conv_rows(channels_last_input(x), weight, bias, s).permute({0, 2, 3, 1}).reshape({s.B, s.Ho * s.Wo, s.C});
+    y = conv_rows(x, weight, bias, s).permute({0, 2, 3, 1}).reshape({s.B, s.Ho * s.Wo, s.C});
     out = keep_y ? at::empty({s.B, s.Ho * s.Wo, s.C}, x.options()) : y;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "overlap_patch_embed_fwd_cpu", [&] {
       layer_norm_rows<scalar_t>(y.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), s.M, s.C,
@@ -442,13 +448,13 @@ BwdResult overlap_patch_embed_bwd_cpu(const at::Tensor& grad_out, const at::Tens
     // oneDNN's channels-last conv backward is slow on small maps with wide channels (MiT-B2..B5
     // stage 4 at 512x512: 2x slower than NCHW, measured with csrc/bench_cpu.py): there, the conv
     // gradients are taken in NCHW (dy and x are small at such sizes; dx goes back to x's layout).
-    const bool nchw = 2 * s.Ho * s.Wo <= s.C;
+    const bool nchw = prefer_nchw(s);
     const bool conv_grads = needs_dx || needs_dweight;
     // x seen channels-last, only where it is used (a copy for an NCHW image).
-    const at::Tensor x_cl = !have_y || (conv_grads && !nchw) ? channels_last_input(x) : at::Tensor();
+    const at::Tensor x_cl = conv_grads && !nchw ? channels_last_input(x) : at::Tensor();
     // dy as a channels-last (B, C, Ho, Wo) image: its memory is the token matrix (M, C).
     at::Tensor dy = at::empty({s.B, s.C, s.Ho, s.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-    const at::Tensor yrows = have_y ? y : conv_rows(x_cl, weight, bias, s);  // kept, or recomputed
+    const at::Tensor yrows = have_y ? y : conv_rows(x, weight, bias, s);  // kept, or recomputed
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "overlap_patch_embed_bwd_cpu", [&] {
       layer_norm_backward_rows<scalar_t>(yrows.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
                                          dy.data_ptr<scalar_t>(), s.M, s.C, gamma.const_data_ptr<scalar_t>(),
