@@ -201,9 +201,9 @@ def write(record: dict, out_dir: Path, make_plot: bool = True) -> dict:
     c = record["config"]
     md = [f"# SegFormer-{c['variant']} {c['height']}x{c['width']} batch {c['batch']} {c['dtype']} {c['pass']}", "",
           f"- device: {record['device']['name']}",
-          f"- versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
+          "- versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
           f"- date: {record['date']}", f"- command: `{record['command']}`",
-          f"- fused backends: " + ", ".join(f"{k}={v}" for k, v in record["backends"].items()),
+          "- fused backends: " + ", ".join(f"{k}={v}" for k, v in record["backends"].items()),
           f"- peak memory: {record['peak_mem_note']}"]
     if record["compile_s"] is not None:
         md.append(f"- torch.compile time (excluded from timings): {record['compile_s']:.1f} s")

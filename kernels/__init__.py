@@ -26,3 +26,42 @@ def interpreter_ready() -> bool:
     import triton.language as tl
 
     return type(tl.zeros).__name__ == "InterpretedFunction"
+
+
+# --- small host-side helpers shared by the kernel launchers ------------------------------------
+
+_sm_counts: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere), for grid-size heuristics."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 follows torch's matmul setting ("highest", the default, means
+    no TF32)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def launch_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's device."""
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def check_interpreter_ready(op: str, kernel) -> None:
+    """If Triton was imported before TRITON_INTERPRET=1 was set, its helpers (tl.zeros, tl.sum, …)
+    are compiled-mode functions and an interpreted kernel fails deep inside Triton; say so."""
+    if not (interpreter_ready() and type(kernel).__name__ == "InterpretedFunction"):
+        raise RuntimeError(
+            f"{op}: Triton was imported before its interpreter was switched on; set "
+            "TRITON_INTERPRET=1 in the environment, or import fastseg.kernels before triton")

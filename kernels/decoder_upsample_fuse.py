@@ -49,7 +49,6 @@ This file holds kernels and host launchers only: no autograd.Function, no dispat
 """
 from __future__ import annotations
 
-import contextlib
 import struct
 from collections.abc import Sequence
 
@@ -57,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastseg.kernels import interpreter_enabled
+from fastseg.kernels import (check_interpreter_ready, dot_precision, interpreter_enabled, launch_device)
 
 __all__ = ["upsample_sum_fwd", "upsample_sum_bwd", "SUPPORTED_DTYPES", "MAX_MAPS"]
 
@@ -389,21 +388,11 @@ def _check_device(name: str, t: torch.Tensor, device: torch.device, ref: str) ->
         raise ValueError(f"decoder_upsample_fuse: {name} is on {t.device} but {ref} is on {device}")
 
 
-def _check_interpreter_ready() -> None:
-    # Triton decorates its own helpers (tl.zeros, …) when first imported; if that happened before
-    # TRITON_INTERPRET=1 was set, interpreted kernels fail deep inside Triton. Say so instead.
-    if not (type(tl.zeros).__name__ == "InterpretedFunction"
-            and type(_upsample_sum_fwd_kernel).__name__ == "InterpretedFunction"):
-        raise RuntimeError(
-            "decoder_upsample_fuse: Triton was imported before its interpreter was switched on; set "
-            "TRITON_INTERPRET=1 in the environment, or import fastseg.kernels before triton")
-
-
 def _check_backend_device(device: torch.device) -> None:
     if device.type == "cpu":
         if not interpreter_enabled():
             raise ValueError("decoder_upsample_fuse: CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
-        _check_interpreter_ready()
+        check_interpreter_ready("decoder_upsample_fuse", _upsample_sum_fwd_kernel)
     elif device.type != "cuda":
         raise ValueError(f"decoder_upsample_fuse: unsupported device {device}")
 
@@ -470,18 +459,6 @@ def _f32(x: float) -> float:
     quotient of ints, double -> float rounding equals direct float division (53 >= 2*24 + 2), so
     _f32(a / b) is aten's float32 a / b."""
     return struct.unpack("f", struct.pack("f", x))[0]
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's matmul setting: "highest" (the default) means no TF32.
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
-
-
-def _launch_device(t: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' device.
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _map_args(maps: Sequence[torch.Tensor], H: int, W: int) -> tuple[list, list, list, list, dict]:
@@ -557,7 +534,7 @@ def upsample_sum_fwd(maps: Sequence[torch.Tensor], out_hw: tuple[int, int],
     flags = dict(NUM_MAPS=len(maps), HAS_BIAS=bias is not None, RELU=relu, **same)
     bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
     bias_stride = bias.stride(0) if bias is not None else 0
-    with _launch_device(maps[0]):
+    with launch_device(maps[0]):
         if K is None:
             cfg = _fwd_config(E, dtype)
             grid = (triton.cdiv(H * W, cfg["BLOCK_P"]), triton.cdiv(E, cfg["BLOCK_E"]), B)
@@ -576,7 +553,7 @@ def upsample_sum_fwd(maps: Sequence[torch.Tensor], out_hw: tuple[int, int],
                 H, W, E, K, *sizes, *scales, *map_strides,
                 bias_stride, classifier_weight.stride(0), classifier_weight.stride(1),
                 cb.stride(0) if cb is not None else 0, out.stride(0), out.stride(1), out.stride(2),
-                HAS_CLS_BIAS=cb is not None, DOT_PRECISION=_dot_precision(dtype), **flags, **cfg,
+                HAS_CLS_BIAS=cb is not None, DOT_PRECISION=dot_precision(dtype), **flags, **cfg,
             )
     return out
 
@@ -640,7 +617,7 @@ def upsample_sum_bwd(dout: torch.Tensor, map_shapes: Sequence, *,
 
     cfg = _bwd_config(E, dout.dtype)
     grads = []
-    with _launch_device(dout):
+    with launch_device(dout):
         for (hi, wi), buf in zip(sizes, out):
             if (hi, wi) == (H, W):
                 if buf is not None:

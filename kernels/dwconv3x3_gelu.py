@@ -35,14 +35,12 @@ This file holds kernels and host launchers only: no autograd.Function, no dispat
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from fastseg.kernels import interpreter_enabled
+from fastseg.kernels import (check_interpreter_ready, interpreter_enabled, launch_device, sm_count)
 
 __all__ = ["dwconv3x3_gelu_fwd", "dwconv3x3_gelu_bwd", "SUPPORTED_DTYPES", "GELU_FORMS"]
 
@@ -330,17 +328,6 @@ _INTERP_BWD = dict(ROWS=4, BLOCK_W=8, BLOCK_C=64, num_warps=4, num_stages=1)
 _INTERP_REDUCE = dict(BLOCK_P=4, BLOCK_C=64, num_warps=4, num_stages=1)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _block_c(C: int) -> int:
     # 64 channels: 128 B (16-bit) / 256 B (fp32) contiguous per pixel, full cache lines, and
     # SegFormer's hidden widths (128 .. 2048) are all multiples of it. At least 16 so that no
@@ -365,7 +352,7 @@ def _fwd_config(B: int, H: int, W: int, C: int, dtype: torch.dtype, device: torc
     block_c = _block_c(C)
     block_w = _block_w(W)
     block_h = max(1, min(triton.next_power_of_2(H), 2048 // (block_c * block_w)))
-    sms = _sm_count(device)
+    sms = sm_count(device)
     c_tiles = triton.cdiv(C, block_c)
     while block_h > 1 and B * c_tiles * triton.cdiv(H, block_h) * triton.cdiv(W, block_w) < 2 * sms:
         block_h //= 2
@@ -386,7 +373,7 @@ def _bwd_config(B: int, H: int, W: int, C: int, dtype: torch.dtype, device: torc
     block_c = min(32, _block_c(C))
     block_w = _block_w(W)
     rows = 32
-    sms = _sm_count(device)
+    sms = sm_count(device)
     c_tiles = triton.cdiv(C, block_c)
     while rows > 4 and B * c_tiles * triton.cdiv(H, rows) * triton.cdiv(W, block_w) < 4 * sms:
         rows //= 2
@@ -442,17 +429,6 @@ def _check_buffer(name: str, t, shape: tuple, dtype: torch.dtype, device: torch.
     _check_channel_stride(name, t)
 
 
-def _check_interpreter_ready() -> None:
-    # If Triton was imported before fastseg.kernels set TRITON_INTERPRET=1, its helpers
-    # (tl.zeros, tl.sum, …) are compiled-mode functions and an interpreted kernel fails deep
-    # inside Triton; say what happened instead.
-    if not (type(tl.zeros).__name__ == "InterpretedFunction"
-            and type(_dwconv3x3_gelu_fwd_kernel).__name__ == "InterpretedFunction"):
-        raise RuntimeError(_err(
-            "Triton was imported before its interpreter was switched on; set TRITON_INTERPRET=1 "
-            "in the environment, or import fastseg.kernels before triton"))
-
-
 def _check_size(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(_err(f"{name} must be an int, got {type(v).__name__} {v!r}"))
@@ -500,13 +476,8 @@ def _validate(x, H, W, weight, bias, approximate) -> tuple[int, int, int]:
     if x.device.type == "cpu":
         if not interpreter_enabled():
             raise ValueError(_err("CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)"))
-        _check_interpreter_ready()
+        check_interpreter_ready("dwconv3x3_gelu", _dwconv3x3_gelu_fwd_kernel)
     return B, N, C
-
-
-def _launch_device(t: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' device.
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,7 +510,7 @@ def dwconv3x3_gelu_fwd(x: torch.Tensor, H: int, W: int, weight: torch.Tensor,
     block_h, block_w, block_c = cfg.pop("BLOCK_H"), cfg.pop("BLOCK_W"), cfg.pop("BLOCK_C")
     grid = (triton.cdiv(H, block_h) * triton.cdiv(W, block_w), triton.cdiv(C, block_c), B)
     b_arg = bias if bias is not None else weight  # never read without HAS_BIAS
-    with _launch_device(x):
+    with launch_device(x):
         _dwconv3x3_gelu_fwd_kernel[grid](
             x, weight, b_arg, out,
             H, W, C,
@@ -596,7 +567,7 @@ def dwconv3x3_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, H: int, W: int, weight
     dweight = torch.empty((C, 1, 3, 3), dtype=weight.dtype, device=x.device)
     dbias = torch.empty((C,), dtype=bias.dtype, device=x.device) if bias is not None else None
     b_arg = bias if bias is not None else weight  # never read without HAS_BIAS
-    with _launch_device(x):
+    with launch_device(x):
         _dwconv3x3_gelu_bwd_kernel[(tiles, triton.cdiv(C, block_c), B)](
             x, dy, weight, b_arg, dx, ws,
             H, W, C, rows,

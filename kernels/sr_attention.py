@@ -31,15 +31,14 @@ This file holds kernels and host launchers only: no autograd.Function, no dispat
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from fastseg.kernels import interpreter_enabled
+from fastseg.kernels import (check_interpreter_ready, dot_precision, interpreter_enabled, launch_device,
+                             sm_count)
 
 __all__ = ["sr_attention_fwd", "sr_attention_bwd", "SUPPORTED_DTYPES", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
 
@@ -282,17 +281,6 @@ _INTERP_DKDV = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
 _INTERP_ROWS_PER_SPLIT = 64
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -336,7 +324,7 @@ def _fwd_config(n: int, nkv: int, head_dim: int, dtype: torch.dtype, programs_pe
         return dict(_INTERP_FWD)
     lowp, block_d = dtype != torch.float32, _block_d(head_dim)
     block_m, cap_n, warps = _FWD_TILES[(lowp, block_d)]
-    block_m = _rows_block_for_occupancy(block_m, n, programs_per_tile, _sm_count(device))
+    block_m = _rows_block_for_occupancy(block_m, n, programs_per_tile, sm_count(device))
     return dict(BLOCK_M=block_m, BLOCK_N=_kv_block(nkv, cap_n), num_warps=warps,
                 num_stages=3 if lowp and block_d <= 64 else 2)
 
@@ -355,7 +343,7 @@ def _bwd_configs(n: int, nkv: int, head_dim: int, dtype: torch.dtype, programs_p
     if interpreter_enabled():
         return dict(_INTERP_DQ), dict(_INTERP_DKDV), _INTERP_ROWS_PER_SPLIT
     lowp, block_d = dtype != torch.float32, _block_d(head_dim)
-    sms = _sm_count(device)
+    sms = sm_count(device)
     dq_m, dq_n, dq_w = _DQ_TILES[(lowp, block_d)]
     dq_cfg = dict(BLOCK_M=_rows_block_for_occupancy(dq_m, n, programs_per_tile, sms),
                   BLOCK_N=_kv_block(nkv, dq_n), num_warps=dq_w, num_stages=2)
@@ -399,17 +387,6 @@ def _check_out(name: str, t, shape: tuple, dtype: torch.dtype, device: torch.dev
     _check_last_stride(name, t)
 
 
-def _check_interpreter_ready() -> None:
-    # Triton decorates its own helpers (tl.zeros, tl.sum, tl.max) when it is first imported. If
-    # that happened before fastseg.kernels set TRITON_INTERPRET=1, those helpers are compiled-mode
-    # functions and an interpreted kernel fails deep inside Triton; say what happened instead.
-    if not (type(tl.zeros).__name__ == "InterpretedFunction"
-            and type(_sr_attn_fwd_kernel).__name__ == "InterpretedFunction"):
-        raise RuntimeError(
-            "sr_attention: Triton was imported before its interpreter was switched on; set "
-            "TRITON_INTERPRET=1 in the environment, or import fastseg.kernels before triton")
-
-
 def _validate_qkv(q, kv, num_heads, scale) -> tuple[int, int, int, int, int]:
     """Returns (B, N, Nkv, C, D) or raises ValueError/TypeError naming the problem."""
     _check_tensor("q", q, 3)
@@ -422,7 +399,7 @@ def _validate_qkv(q, kv, num_heads, scale) -> tuple[int, int, int, int, int]:
     if q.device.type == "cpu":
         if not interpreter_enabled():
             raise ValueError("sr_attention: CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
-        _check_interpreter_ready()
+        check_interpreter_ready("sr_attention", _sr_attn_fwd_kernel)
     if q.device.type not in ("cuda", "cpu"):
         raise ValueError(f"sr_attention: unsupported device {q.device}")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
@@ -446,18 +423,6 @@ def _validate_qkv(q, kv, num_heads, scale) -> tuple[int, int, int, int, int]:
     _check_last_stride("q", q)
     _check_last_stride("kv", kv)
     return B, N, Nkv, C, D
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's matmul setting: "highest" (the default) means no TF32.
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
-
-
-def _launch_device(t: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' device.
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,12 +456,12 @@ def sr_attention_fwd(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale: f
     cfg = _fwd_config(N, Nkv, D, q.dtype, B * num_heads, q.device)
     block_m = cfg.pop("BLOCK_M")
     grid = (triton.cdiv(N, block_m), B * num_heads)
-    with _launch_device(q):
+    with launch_device(q):
         _sr_attn_fwd_kernel[grid](
             q, kv, out, lse,
             N, Nkv, num_heads, D, float(scale) * _LOG2E,
             q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), out.stride(0), out.stride(1),
-            BLOCK_M=block_m, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype), **cfg,
+            BLOCK_M=block_m, BLOCK_D=_block_d(D), DOT_PRECISION=dot_precision(q.dtype), **cfg,
         )
     return out, lse
 
@@ -556,9 +521,9 @@ def sr_attention_bwd(do: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, out: t
 
     delta = torch.empty((B, num_heads, N), dtype=torch.float32, device=q.device)
     block_d = _block_d(D)
-    precision = _dot_precision(q.dtype)
+    precision = dot_precision(q.dtype)
     scale = float(scale)
-    with _launch_device(q):
+    with launch_device(q):
         # 1) dQ, and delta = rowsum(dO * O) as a side product (the dK/dV kernel needs it).
         cfg = dict(dq_cfg)
         block_m = cfg.pop("BLOCK_M")

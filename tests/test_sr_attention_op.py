@@ -4,7 +4,6 @@ dispatch overrides, torch.compile tracing and bad input.
 Triton runs here under its CPU interpreter (forced with use_backend("triton")); on a machine with
 a GPU the same tests run the real kernels on CUDA.
 """
-import os
 
 import pytest
 import torch

@@ -60,7 +60,6 @@ def sr_attention_torch(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale:
     """SDPA on strided head views of the token tensors: no permute copies in or out."""
     B, N, C = q.shape
     D = C // num_heads
-    Nkv = kv.shape[1]
     qh = q.view(B, N, num_heads, D).transpose(1, 2)
     kh = kv[..., :C].unflatten(-1, (num_heads, D)).transpose(1, 2)
     vh = kv[..., C:].unflatten(-1, (num_heads, D)).transpose(1, 2)
