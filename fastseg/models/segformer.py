@@ -300,15 +300,16 @@ def finish_fused_head(head: nn.Module, maps, bias, out_hw) -> torch.Tensor:
     return logits.permute(0, 3, 1, 2)
 
 
-def check_images(x, model: nn.Module | None = None) -> None:
-    """Reject input the model cannot take, naming the problem (never a deep kernel error)."""
+def check_image_batch(x, model: nn.Module | None = None) -> None:
+    """Checks every model's images need: a floating (B, C, H, W) tensor with B > 0, the model's
+    channel count, and its device and dtype. Each model adds its own size rule."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected images as a torch.Tensor of shape (B, 3, H, W), got {type(x).__name__}")
     if x.ndim != 4:
         raise ValueError(f"expected images of shape (B, C, H, W) (rank 4), got rank {x.ndim} with shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"expected floating-point images (float32/float16/bfloat16), got {x.dtype}")
-    B, C, H, W = x.shape
+    B, C = x.shape[:2]
     if B == 0:
         raise ValueError(f"empty batch: got images of shape {tuple(x.shape)}")
     if model is not None:
@@ -323,6 +324,12 @@ def check_images(x, model: nn.Module | None = None) -> None:
                 f"images are {x.dtype} but the model's weights are {param.dtype}; cast one of them "
                 f"(e.g. model.to({x.dtype})) or run under torch.autocast"
             )
+
+
+def check_images(x, model: nn.Module | None = None) -> None:
+    """Reject input SegFormer cannot take, naming the problem (never a deep kernel error)."""
+    check_image_batch(x, model)
+    H, W = x.shape[2:]
     if H < MIN_IMAGE_SIZE or W < MIN_IMAGE_SIZE:
         raise ValueError(
             f"SegFormer needs H and W >= {MIN_IMAGE_SIZE} (its stage-1 spatial reduction is an 8x8 conv "

@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastseg import ops
-from fastseg.models.segformer import DropPath, FusedSwitch, folded_weights
+from fastseg.models.segformer import DropPath, FusedSwitch, check_image_batch, folded_weights
 
 # name: (embed dim, depth, heads). Head dim 64 throughout.
 ENCODERS: dict[str, tuple[int, int, int]] = {
@@ -572,29 +572,11 @@ def init_classifier(head: nn.Module) -> None:
 # --- input checks ----------------------------------------------------------------------------------
 
 def check_images(x, model: "SETR") -> None:
-    """Reject input the model cannot take, naming the problem (never a deep kernel error)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"expected images as a torch.Tensor of shape (B, 3, H, W), got {type(x).__name__}")
-    if x.ndim != 4:
-        raise ValueError(f"expected images of shape (B, C, H, W) (rank 4), got rank {x.ndim} with shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"expected floating-point images (float32/float16/bfloat16), got {x.dtype}")
-    B, C, H, W = x.shape
-    if B == 0:
-        raise ValueError(f"empty batch: got images of shape {tuple(x.shape)}")
-    if H == 0 or W == 0:
+    """Reject input the model cannot take, naming the problem (never a deep kernel error).
+    Any H, W >= 1 works: sizes that are not multiples of 16 are corner-padded."""
+    check_image_batch(x, model)
+    if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"empty images: got shape {tuple(x.shape)}")
-    want = model.config.in_channels
-    if C != want:
-        raise ValueError(f"expected {want} input channels, got {C} (images of shape {tuple(x.shape)})")
-    param = model.encoder.pos_embed
-    if x.device != param.device:
-        raise ValueError(f"images are on {x.device} but the model is on {param.device}; move one of them")
-    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(
-            f"images are {x.dtype} but the model's weights are {param.dtype}; cast one of them "
-            f"(e.g. model.to({x.dtype})) or run under torch.autocast"
-        )
 
 
 # --- the model ------------------------------------------------------------------------------------------
