@@ -1,12 +1,15 @@
 // torch.library bindings of the patch-embedding extension (imported as fastseg._C).
 //
 //   fastseg_ext::overlap_patch_embed_fwd(x, weight, bias?, ln_weight, ln_bias, stride, padding, eps,
-//                                        keep_y) -> (out (B, Ho*Wo, C), mean (M,), rstd (M,), y)
+//                                        keep_y, packed_weight?) -> (out (B, Ho*Wo, C), mean (M,), rstd (M,), y)
 //   fastseg_ext::overlap_patch_embed_bwd(grad_out, x, weight, bias?, ln_weight, mean, rstd, y?, stride,
 //                                        padding, needs_dx, needs_dweight)
 //       -> (dx, dweight, dbias, dln_weight, dln_bias)
 // keep_y (CPU only; the CUDA kernel recomputes the conv in its backward and refuses it) returns
 // the conv output + bias as tokens for the backward; otherwise y is an empty tensor.
+// packed_weight (CPU only, inference): the conv weight already reordered into oneDNN's blocked
+// layout (torch.ops.aten.mkldnn_reorder_conv2d_weight); the Python op caches it per weight
+// version, so the conv skips the per-call weight reorder. It must hold the same values as weight.
 //
 // The CPU kernels are registered here, the CUDA ones in overlap_patch_embed_cuda.cpp (CUDA builds
 // only). Fake (meta) implementations and autograd live in fastseg/ops/overlap_patch_embed.py.
@@ -121,7 +124,7 @@ at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
 TORCH_LIBRARY(fastseg_ext, m) {
   m.def(
       "overlap_patch_embed_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor ln_weight, Tensor ln_bias, "
-      "int stride, int padding, float eps, bool keep_y) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int stride, int padding, float eps, bool keep_y, Tensor? packed_weight=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "overlap_patch_embed_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor ln_weight, "
       "Tensor mean, Tensor rstd, Tensor? y, int stride, int padding, bool needs_dx, bool needs_dweight) "
@@ -131,6 +134,11 @@ TORCH_LIBRARY(fastseg_ext, m) {
 TORCH_LIBRARY_IMPL(fastseg_ext, CPU, m) {
   m.impl("overlap_patch_embed_fwd", &fastseg::overlap_patch_embed_fwd_cpu);
   m.impl("overlap_patch_embed_bwd", &fastseg::overlap_patch_embed_bwd_cpu);
+}
+
+// A packed (oneDNN-layout) weight makes the call dispatch on MkldnnCPU: the same CPU kernel.
+TORCH_LIBRARY_IMPL(fastseg_ext, MkldnnCPU, m) {
+  m.impl("overlap_patch_embed_fwd", &fastseg::overlap_patch_embed_fwd_cpu);
 }
 
 // A plain Python module: importing it loads this library, which runs the registrations above.

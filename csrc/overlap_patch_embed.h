@@ -52,7 +52,7 @@ using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
 FwdResult overlap_patch_embed_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, const at::Tensor& ln_weight,
                                       const at::Tensor& ln_bias, int64_t stride, int64_t padding, double eps,
-                                      bool keep_y);
+                                      bool keep_y, const std::optional<at::Tensor>& packed_weight);
 
 BwdResult overlap_patch_embed_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, const at::Tensor& ln_weight,

@@ -30,6 +30,8 @@
 #include "overlap_patch_embed.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <ATen/Parallel.h>
 #include <ATen/Context.h>
 #include <ATen/ops/addmm.h>
@@ -373,15 +375,58 @@ at::Tensor conv_rows(const at::Tensor& x, const at::Tensor& weight, const std::o
   return y.is_contiguous(at::MemoryFormat::ChannelsLast) ? y : y.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// y = conv(x) + bias as above, by oneDNN with a weight already in its blocked layout (inference:
+// the Python op caches it per weight version). at::convolution reorders the dense weight on every
+// call, which costs up to a third of the conv at stages 3-4 (csrc/bench_cpu.py); that reorder is
+// gone here. mkldnn::_convolution_pointwise is the ATen op that takes such a weight and writes
+// channels-last output for channels-last input; it is called boxed, whose signature has no
+// C++ types that changed across torch versions.
+at::Tensor packed_conv_rows(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                            const PatchEmbedShape& s) {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", ""});
+  TORCH_CHECK(op.has_value(), "fastseg_ext::overlap_patch_embed_fwd (CPU): packed_weight needs ATen's "
+              "mkldnn::_convolution_pointwise, which this torch lacks; pass packed_weight=None");
+  c10::impl::GenericList no_scalars(c10::OptionalType::create(c10::NumberType::get()));
+  torch::jit::Stack stack;
+  stack.reserve(10);
+  stack.emplace_back(channels_last_input(x));
+  stack.emplace_back(packed);
+  stack.emplace_back(bias.has_value() && bias->defined() ? c10::IValue(*bias) : c10::IValue());
+  stack.emplace_back(std::vector<int64_t>{s.pad, s.pad});
+  stack.emplace_back(std::vector<int64_t>{s.stride, s.stride});
+  stack.emplace_back(std::vector<int64_t>{1, 1});  // dilation
+  stack.emplace_back(int64_t(1));                   // groups
+  stack.emplace_back(std::string("none"));          // no fused activation
+  stack.emplace_back(std::move(no_scalars));
+  stack.emplace_back(c10::IValue());  // algorithm
+  op->callBoxed(&stack);
+  const at::Tensor y = stack.at(0).toTensor();
+  return y.is_contiguous(at::MemoryFormat::ChannelsLast) ? y : y.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+void check_packed_weight(const char* where, const at::Tensor& packed, const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(packed.is_mkldnn(), where, ": packed_weight must be the weight in oneDNN's layout "
+                    "(torch.ops.aten.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), ...)), got a ",
+                    packed.layout(), " tensor");
+  TORCH_CHECK_VALUE(packed.sizes() == weight.sizes() && packed.scalar_type() == weight.scalar_type(), where,
+                    ": packed_weight ", packed.sizes(), " ", packed.scalar_type(), " does not match weight ",
+                    weight.sizes(), " ", weight.scalar_type());
+}
+
 }  // namespace
 
 FwdResult overlap_patch_embed_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, const at::Tensor& ln_weight,
                                       const at::Tensor& ln_bias, int64_t stride, int64_t padding, double eps,
-                                      bool keep_y) {
+                                      bool keep_y, const std::optional<at::Tensor>& packed_weight) {
   constexpr const char* where = "fastseg_ext::overlap_patch_embed_fwd (CPU)";
+  const bool packed = packed_weight.has_value() && packed_weight->defined();
+  // The shape checks read weight's sizes, which a packed weight shares; its dtype and device are
+  // checked here (check_patch_embed_inputs compares them to x's).
   const PatchEmbedShape s = check_patch_embed_inputs(where, x, weight, bias, ln_weight, ln_bias, stride, padding);
   check_cpu_dtype(where, x);
+  if (packed) check_packed_weight(where, *packed_weight, weight);
   const at::Tensor gamma = ln_weight.contiguous(), beta = ln_bias.contiguous();
   at::Tensor mean = at::empty({s.M}, x.options());
   at::Tensor rstd = at::empty({s.M}, x.options());
@@ -389,9 +434,10 @@ FwdResult overlap_patch_embed_fwd_cpu(const at::Tensor& x, const at::Tensor& wei
   // tensor instead of overwriting them.
   at::Tensor out, y;
 
-  if (cpu_engine() == Engine::kConv) {
+  if (packed || cpu_engine() == Engine::kConv) {
     // The channels-last conv output (B, C, Ho, Wo) is the token matrix (M, C): a view, no copy.
-    y = conv_rows(x, weight, bias, s).permute({0, 2, 3, 1}).reshape({s.B, s.Ho * s.Wo, s.C});
+    const at::Tensor conv = packed ? packed_conv_rows(x, *packed_weight, bias, s) : conv_rows(x, weight, bias, s);
+    y = conv.permute({0, 2, 3, 1}).reshape({s.B, s.Ho * s.Wo, s.C});
     out = keep_y ? at::empty({s.B, s.Ho * s.Wo, s.C}, x.options()) : y;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "overlap_patch_embed_fwd_cpu", [&] {
       layer_norm_rows<scalar_t>(y.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), s.M, s.C,

@@ -107,9 +107,11 @@ Prepared prepare(const char* where, const PatchEmbedShape& s, const at::Tensor& 
 FwdResult overlap_patch_embed_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                        const std::optional<at::Tensor>& bias, const at::Tensor& ln_weight,
                                        const at::Tensor& ln_bias, int64_t stride, int64_t padding, double eps,
-                                       bool keep_y) {
+                                       bool keep_y, const std::optional<at::Tensor>& packed_weight) {
   constexpr const char* where = "fastseg_ext::overlap_patch_embed_fwd (CUDA)";
   const PatchEmbedShape s = check_patch_embed_inputs(where, x, weight, bias, ln_weight, ln_bias, stride, padding);
+  TORCH_CHECK_VALUE(!(packed_weight.has_value() && packed_weight->defined()), where,
+                    ": packed_weight is for the CPU kernel (oneDNN's layout); the CUDA kernel packs its own");
   TORCH_CHECK_VALUE(!keep_y, where, ": keep_y is not supported on CUDA: the backward kernel recomputes the conv "
                     "rows instead of keeping them (pass keep_y=False)");
   const c10::cuda::CUDAGuard guard(x.device());

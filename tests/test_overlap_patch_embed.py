@@ -107,9 +107,12 @@ def test_cpp_matches_reference(cfg, cpu_engine):
         with torch.no_grad():  # inference calls the op without autograd
             inference = overlap_patch_embed(*tensors[:2], tensors[2], meta["stride"], *tensors[3:5], meta["eps"],
                                             meta["hw"])[0]
-    assert_close_fp32(got, gold(tensors, meta))
-    assert torch.equal(inference, got[0])
-    assert got[0].is_contiguous()
+    want = gold(tensors, meta)
+    assert_close_fp32(got, want)
+    # Inference convolves with the oneDNN-packed weight (engine "conv"): not bitwise the training
+    # forward's conv, so it is held to the reference instead.
+    assert_close_fp32((inference, []), (want[0], []))
+    assert got[0].is_contiguous() and inference.is_contiguous()
     if meta["hw"] is not None:  # the token gradient comes back as tokens, not via an NCHW copy
         assert got[1][0].is_contiguous()
 
@@ -178,6 +181,89 @@ def test_model_module_uses_the_kernel():
     got, H2, W2 = module(x)
     assert (H, W) == (H2, W2)
     assert (got - want).abs().max() / want.abs().max() < 1e-4
+
+
+needs_packing = pytest.mark.skipif(not ope_module._can_pack(), reason="this torch has no oneDNN conv")
+
+
+def _reference_out(x, weight, bias, ln_weight, ln_bias, meta):
+    return overlap_patch_embed_reference(x.double(), weight.double(), bias.double(), meta["stride"],
+                                         ln_weight.double(), ln_bias.double(), meta["eps"], meta["hw"])[0]
+
+
+@needs_ext
+@needs_packing
+def test_inference_packs_the_weight_once_and_never_serves_stale_values(monkeypatch):
+    """CPU inference convolves with a oneDNN-packed copy of the weight, cached per weight: reused
+    while the weight is unchanged, rebuilt after an in-place change or load_state_dict, and
+    dropped when the weight is freed."""
+    from fastseg.models.segformer import OverlapPatchEmbed
+    from oracles import randomize_
+
+    monkeypatch.delenv("FASTSEG_CPU_CONV", raising=False)
+    module = randomize_(OverlapPatchEmbed(24, 40, 3, 2, eps=1e-6)).eval()
+    module.fused = True
+    x, hw = torch.randn(2, 9 * 7, 24), (9, 7)
+    weight = module.proj.weight
+    meta = dict(stride=2, eps=1e-6, hw=hw)
+    args = lambda: (module.proj.weight, module.proj.bias, module.norm.weight, module.norm.bias)  # noqa: E731
+
+    def packed_entry():
+        entry = ope_module._packed_weights.get(id(weight))
+        return entry[2] if entry is not None and entry[0]() is weight else None
+
+    def infer():
+        with torch.no_grad(), use_backend("cpp"):
+            return overlap_patch_embed(x, *args()[:2], 2, *args()[2:], 1e-6, hw)[0]
+
+    out = infer()
+    first = packed_entry()
+    assert first is not None and first.is_mkldnn
+    assert_close_fp32((out, []), (_reference_out(x, *args(), meta), []))
+    infer()
+    assert packed_entry() is first  # reused
+
+    with torch.no_grad():
+        weight.mul_(-0.5)  # an in-place change (as an optimiser step makes)
+    out = infer()
+    assert packed_entry() is not first
+    assert_close_fp32((out, []), (_reference_out(x, *args(), meta), []))
+
+    other = randomize_(OverlapPatchEmbed(24, 40, 3, 2, eps=1e-6))
+    module.load_state_dict(other.state_dict())
+    out = infer()
+    assert_close_fp32((out, []), (_reference_out(x, *args(), meta), []))
+
+    # a training forward (autograd) never uses the packed copy, and still matches
+    with use_backend("cpp"):
+        train_out = overlap_patch_embed(x, *args()[:2], 2, *args()[2:], 1e-6, hw)[0]
+    assert train_out.requires_grad
+    assert_close_fp32((train_out.detach(), []), (_reference_out(x, *args(), meta), []))
+
+    wid = id(weight)
+    del module, weight, args, other, train_out
+    import gc
+    gc.collect()
+    assert wid not in ope_module._packed_weights  # freed with its weight
+
+
+@needs_ext
+@needs_packing
+def test_inference_tensors_and_float64_are_not_packed(monkeypatch):
+    monkeypatch.delenv("FASTSEG_CPU_CONV", raising=False)
+    (x, weight, bias, ln_weight, ln_bias, _), meta = make_case(LATER[0])
+    with torch.inference_mode():
+        w_inf = weight.clone()  # an inference tensor: no version counter to key a cache on
+        with use_backend("cpp"):
+            out = overlap_patch_embed(x, w_inf, bias, 2, ln_weight, ln_bias, 1e-6, meta["hw"])[0]
+    assert id(w_inf) not in ope_module._packed_weights
+    assert_close_fp32((out, []), (_reference_out(x, weight, bias, ln_weight, ln_bias, meta), []))
+    w64 = weight.double()
+    with torch.no_grad(), use_backend("cpp"):
+        out = overlap_patch_embed(x.double(), w64, bias.double(), 2, ln_weight.double(), ln_bias.double(), 1e-6,
+                                  meta["hw"])[0]
+    assert id(w64) not in ope_module._packed_weights
+    assert_close_fp32((out, []), (_reference_out(x, weight, bias, ln_weight, ln_bias, meta), []), tol=1e-10)
 
 
 @needs_ext
@@ -329,6 +415,10 @@ def test_kernel_op_checks_its_arguments():
         (ValueError, "grad_out", lambda: ops.overlap_patch_embed_bwd(torch.randn(2, 5, 32), x, w, b, g,
                                                                     torch.zeros(32), torch.ones(32), None, 4, 3,
                                                                     True, True)),
+        (ValueError, "oneDNN's layout", lambda: ops.overlap_patch_embed_fwd(x, w, b, g, beta, 4, 3, 1e-5, False,
+                                                                          w.clone())),
+        (ValueError, "does not match", lambda: ops.overlap_patch_embed_fwd(
+            x, w, b, g, beta, 4, 3, 1e-5, False, torch.randn(32, 3, 5, 5).to_mkldnn())),
         (ValueError, "kept conv output", lambda: ops.overlap_patch_embed_bwd(
             torch.randn(2, 16, 32), x, w, b, g, torch.zeros(32), torch.ones(32), torch.randn(2, 16, 31), 4, 3,
             True, True)),

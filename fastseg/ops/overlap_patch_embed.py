@@ -34,6 +34,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +152,7 @@ def _register_fakes() -> None:
     """Shapes, dtypes and strides of the extension ops' outputs, for FakeTensor tracing."""
 
     @torch.library.register_fake("fastseg_ext::overlap_patch_embed_fwd")
-    def _(x, weight, bias, ln_weight, ln_bias, stride, padding, eps, keep_y):
+    def _(x, weight, bias, ln_weight, ln_bias, stride, padding, eps, keep_y, packed_weight=None):
         B, _, H, W = x.shape
         C, _, k, _ = weight.shape
         Ho = (H + 2 * padding - k) // stride + 1
@@ -197,6 +198,51 @@ class OverlapPatchEmbedFunction(torch.autograd.Function):
                 dln_weight if need[3] else None, dln_bias if need[4] else None, None, None, None)
 
 
+# --- oneDNN-packed conv weights for CPU inference ----------------------------------------------
+
+_PACKED_LIMIT = 64  # weights with a packed copy at once (MiT has 4 patch embeddings per model)
+_packed_weights: dict[int, tuple] = {}  # id(weight) -> (weakref to weight, key, packed copy)
+
+
+def _can_pack() -> bool:
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and os.environ.get("FASTSEG_CPU_CONV", "") != "im2col")
+
+
+def packed_cpu_weight(weight: torch.Tensor, x4: torch.Tensor, stride: int):
+    """The conv weight in oneDNN's blocked layout, for the C++ kernel's inference forward, or None.
+
+    Without it oneDNN reorders the dense weight on every call (up to a third of the conv's time at
+    stages 3-4). The copy is cached per weight and keyed on its version counter (bumped by
+    optimiser steps, ``load_state_dict``, any in-place change) and storage, so it never serves
+    stale values; it is dropped when the weight is freed. float32 only (oneDNN's CPU conv);
+    never while compiling (the traced op takes the dense weight).
+    """
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if not _can_pack():
+        return None
+    try:
+        version = weight._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter: nothing to key on
+        return None
+    key = (version, weight.data_ptr(), x4.shape[1], stride)
+    wid = id(weight)
+    entry = _packed_weights.get(wid)
+    if entry is not None and entry[0]() is weight and entry[1] == key:
+        return entry[2]
+    pad = weight.shape[-1] // 2
+    with torch.no_grad():
+        packed = torch.ops.aten.mkldnn_reorder_conv2d_weight(
+            weight.detach().to_mkldnn(), [pad, pad], [stride, stride], [1, 1], 1, list(x4.shape))
+    if wid not in _packed_weights and len(_packed_weights) >= _PACKED_LIMIT:
+        _packed_weights.pop(next(iter(_packed_weights)))  # the oldest
+    # The callback runs when the weight is freed, before its id can be reused.
+    _packed_weights[wid] = (weakref.ref(weight, lambda _, wid=wid: _packed_weights.pop(wid, None)), key, packed)
+    return packed
+
+
 def overlap_patch_embed_extension(x, weight, bias, stride: int, ln_weight, ln_bias, eps: float, hw=None):
     """The ``cuda`` / ``cpp`` backends: one kernel forward, reading x in place (any strides)."""
     x4 = _as_image(x, hw)
@@ -211,8 +257,9 @@ def overlap_patch_embed_extension(x, weight, bias, stride: int, ln_weight, ln_bi
         keep_y = x4.device.type == "cpu"
         out = OverlapPatchEmbedFunction.apply(x4, weight, bias, ln_weight, ln_bias, int(stride), float(eps), keep_y)
     else:  # inference: the op alone, without autograd bookkeeping
+        packed = packed_cpu_weight(weight, x4, int(stride)) if x4.device.type == "cpu" else None
         out = torch.ops.fastseg_ext.overlap_patch_embed_fwd(
-            x4, weight, bias, ln_weight, ln_bias, int(stride), k // 2, float(eps), False)[0]
+            x4, weight, bias, ln_weight, ln_bias, int(stride), k // 2, float(eps), False, packed)[0]
     return out, _out_size(x4.shape[2], k, stride), _out_size(x4.shape[3], k, stride)
 
 
