@@ -98,7 +98,7 @@ def _extension_build():
         return [], {}
 
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
-    sources = ["csrc/bindings.cpp", "csrc/overlap_patch_embed_cpu.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/overlap_patch_embed_checks.cpp", "csrc/overlap_patch_embed_cpu.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3", "-g0"]  # no debug info: a faster build and a smaller module
     nvcc_path = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None
@@ -109,7 +109,8 @@ def _extension_build():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)
         ext = cpp_extension.CUDAExtension(
             "fastseg._C",
-            sources + ["csrc/overlap_patch_embed_cuda.cpp", "csrc/overlap_patch_embed_kernel.cu"],
+            sources + ["csrc/overlap_patch_embed_cuda.cpp", "csrc/overlap_patch_embed_kernel_host.cpp",
+                       "csrc/overlap_patch_embed_kernel.cu"],
             include_dirs=include_dirs,
             define_macros=[("FASTSEG_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"] + arch_flags},

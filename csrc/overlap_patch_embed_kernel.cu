@@ -24,12 +24,22 @@
 //   dy = rstd * (g*gamma - a - xhat*b),   written as grad_y (the conv's output gradient),
 // with per-program column sums of g*xhat (dln_weight), g (dln_bias) and dy (dbias) written to
 // `partial` and reduced on the host side in a fixed order (deterministic).
+//
+// The same source also compiles as plain C++ with FASTSEG_CUDA_EMULATION defined: then
+// csrc/emulation/cuda_emulation.h stands in for the CUDA runtime (thread blocks run on CPU
+// fibers), so the tests run these kernels, unchanged, on a machine without a GPU.
 #include "overlap_patch_embed_kernel.h"
 
+#ifdef FASTSEG_CUDA_EMULATION
+#include "emulation/cuda_emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+#define FASTSEG_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
+#define FASTSEG_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
 
 #include <type_traits>
 
@@ -257,7 +267,7 @@ __device__ void conv_tile(const PatchEmbedParams& p, int64_t m0, unsigned char* 
 
 template <typename T, int BM>
 __global__ void __launch_bounds__(kThreads) patch_embed_fwd_kernel(const PatchEmbedParams p) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  FASTSEG_DYNAMIC_SHARED(smem);
   __shared__ int64_t row_base[BM];
   __shared__ int row_ih0[BM], row_iw0[BM];
   const int64_t m0 = int64_t(blockIdx.x) * BM;
@@ -298,7 +308,7 @@ __global__ void __launch_bounds__(kThreads) patch_embed_fwd_kernel(const PatchEm
 
 template <typename T, int BM>
 __global__ void __launch_bounds__(kThreads) patch_embed_bwd_kernel(const PatchEmbedParams p) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  FASTSEG_DYNAMIC_SHARED(smem);
   __shared__ int64_t row_base[BM];
   __shared__ int row_ih0[BM], row_iw0[BM];
   __shared__ float row_mean[BM], row_rstd[BM], row_a[BM], row_b[BM];
@@ -380,7 +390,8 @@ const char* launch(Kernel kernel, const LaunchPlan& plan, const PatchEmbedParams
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem_bytes));
     if (err != cudaSuccess) return cudaGetErrorString(err);
   }
-  kernel<<<dim3(unsigned(plan.num_blocks)), dim3(kThreads), plan.smem_bytes, static_cast<cudaStream_t>(stream)>>>(p);
+  FASTSEG_LAUNCH(kernel, dim3(unsigned(plan.num_blocks)), dim3(kThreads), plan.smem_bytes,
+                 static_cast<cudaStream_t>(stream), p);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
