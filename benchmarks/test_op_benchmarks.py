@@ -129,7 +129,8 @@ def test_decoder(benchmark, impl, head, size):
                   cost=decoder_cost(B, H // 4, W // 4, E, K, small, ITEM), error=err)
 
 
-EMBEDS = [("s1", 3, 32, 7, 4, 1), ("s2", 32, 64, 3, 2, 4)]  # name, Cin, C, kernel, stride, input stride
+# name, Cin, C, kernel, stride, input stride: B0's stages 1 and 2, B2's stage 4 (the widest)
+EMBEDS = [("s1", 3, 32, 7, 4, 1), ("s2", 32, 64, 3, 2, 4), ("b2-s4", 320, 512, 3, 2, 16)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

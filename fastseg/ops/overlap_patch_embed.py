@@ -16,8 +16,10 @@ Backends (chosen by :mod:`fastseg.ops.dispatch`):
   and weight gradients through ``at::convolution_backward`` (cuDNN). fp32, fp16, bf16.
 - ``cpp``: the extension's C++ CPU kernel: the conv by oneDNN on the channels-last view (token
   input read in place; its output is the tokens), then a fused LayerNorm pass; an im2col + GEMM
-  engine where oneDNN is missing. Backward: fused LayerNorm backward, oneDNN conv gradients.
-  fp32 and fp64.
+  engine where oneDNN is missing. Inference (no gradient needed, fp32) passes the weight
+  pre-packed in oneDNN's blocked layout, cached per weight version (:func:`packed_cpu_weight`),
+  so the conv skips its per-call weight reorder. Backward: fused LayerNorm backward, oneDNN conv
+  gradients. fp32 and fp64.
 - ``torch``: stock ops without layout copies: conv on the channels-last (token) view, whose
   output flattens to tokens as a view, then ``F.layer_norm``. The fallback when the extension is
   not built, and the choice for bf16/fp16 on CPU.
