@@ -33,6 +33,10 @@ else:
     OP_IMAGE_SIZES = [(1, 512, 512)] if FULL else [(1, 256, 256)]
 
 ROUNDS = 1 if QUICK else (20 if DEVICE.type == "cuda" else 3)
+# Cheap calls get more rounds, up to this many or about this much time per benchmark: a median
+# of 3 millisecond-scale CPU calls on a shared machine swings by tens of percent.
+MAX_ROUNDS = 1 if QUICK else 100
+ROUND_BUDGET_S = 0.5
 WARMUP = 0 if QUICK else (5 if DEVICE.type == "cuda" else 1)
 
 _records: list[dict] = []
@@ -61,8 +65,10 @@ def run_benchmark(benchmark, fn, *, group: str, impl: str, cost=None, error: flo
             torch.cuda.synchronize()
 
     benchmark.group = group
-    benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-    ms = median(measure(fn, DEVICE, warmup=1 if not QUICK else 0, repeats=ROUNDS))
+    one_call_s = median(measure(call, DEVICE, warmup=0, repeats=1)) / 1e3  # also a warm-up
+    rounds = max(ROUNDS, min(MAX_ROUNDS, int(ROUND_BUDGET_S / max(one_call_s, 1e-6))))
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=WARMUP, iterations=1)
+    ms = median(measure(fn, DEVICE, warmup=1 if not QUICK else 0, repeats=rounds))
     with PeakMemory(DEVICE) as mem:
         fn()
     info = {"impl": impl, "median_ms": ms, "peak_mem_mb": mem.peak / 2**20}
