@@ -6,6 +6,8 @@ dispatch policy (that lives in ``fastseg.ops``).
 Without a CUDA device the kernels can still run on CPU tensors under Triton's interpreter. The
 interpreter is chosen when a kernel is decorated, so it must be switched on before the kernel
 modules are imported; we do that here when torch sees no GPU (and the user has not decided).
+The interpreter's own bfloat16 dot and fp32 -> bf16 casts are wrong; ``interpreter_bf16`` makes
+them compute as a GPU does (installed on first use, by ``interpreter_bf16_ok``).
 """
 import os
 
@@ -18,6 +20,14 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 def interpreter_enabled() -> bool:
     """True when Triton kernels run under the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreter_bf16_ok() -> bool:
+    """Under the interpreter: whether bfloat16 dot and fp32 -> bf16 casts compute as on a GPU
+    (the interpreter's own do not; ``interpreter_bf16`` fixes them)."""
+    from fastseg.kernels import interpreter_bf16
+
+    return interpreter_bf16.apply()
 
 
 def interpreter_ready() -> bool:

@@ -136,7 +136,7 @@ def sr_attention_triton(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale
 
 def triton_device_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
     """Why Triton kernels cannot run on this device/dtype (shared by every Triton backend)."""
-    from fastseg.kernels import interpreter_enabled, interpreter_ready
+    from fastseg.kernels import interpreter_bf16_ok, interpreter_enabled, interpreter_ready
 
     if device.type == "cuda":
         if interpreter_enabled():
@@ -150,9 +150,10 @@ def triton_device_reasons(device: torch.device, dtype: torch.dtype) -> list[str]
         if not interpreter_ready():
             return ["triton was imported before its interpreter was switched on; set "
                     "TRITON_INTERPRET=1 before importing triton"]
-        if dtype == torch.bfloat16:
-            # Seen with triton 3.9: the interpreter's tl.dot on bf16 operands returns garbage.
-            return ["bfloat16 tl.dot is wrong under Triton's interpreter; check bf16 on a GPU"]
+        if dtype == torch.bfloat16 and not interpreter_bf16_ok():
+            # The interpreter's own bf16 tl.dot returns garbage (triton 3.6-3.9); fastseg's fix
+            # (fastseg.kernels.interpreter_bf16) could not be installed on this triton.
+            return ["bfloat16 tl.dot is wrong under this triton's interpreter; check bf16 on a GPU"]
         return []
     return [f"device type {device.type!r}"]
 
