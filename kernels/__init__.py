@@ -7,7 +7,7 @@ Without a CUDA device the kernels can still run on CPU tensors under Triton's in
 interpreter is chosen when a kernel is decorated, so it must be switched on before the kernel
 modules are imported; we do that here when torch sees no GPU (and the user has not decided).
 The interpreter's own bfloat16 dot and fp32 -> bf16 casts are wrong; ``interpreter_bf16`` makes
-them compute as a GPU does (installed on first use, by ``interpreter_bf16_ok``).
+them compute as a GPU does (installed here, in interpreter mode).
 """
 import os
 
@@ -28,6 +28,10 @@ def interpreter_bf16_ok() -> bool:
     from fastseg.kernels import interpreter_bf16
 
     return interpreter_bf16.apply()
+
+
+if interpreter_enabled():  # before any kernel can run, also when a launcher is called directly
+    interpreter_bf16_ok()
 
 
 def interpreter_ready() -> bool:
