@@ -47,6 +47,9 @@ def test_mix_ffn_fused_matches_reference(backend, device, dim, H, W, dtype):
             assert err <= 2 * eager_err + torch.finfo(dtype).eps / 2, f"{name}: {err:.2e} vs {eager_err:.2e}"
 
 
+# The kernel's tanh form z / (1 + exp(-2u)) lets exp overflow to inf on purpose (the result is 0,
+# never NaN); numpy, which runs the interpreter, warns about that overflow.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("backend,device", [("triton", TRITON_DEVICE), ("torch", "cpu")])
 def test_tanh_gelu_option(backend, device):
     x = torch.randn(1, 6 * 5, 24, device=device)
