@@ -10,8 +10,8 @@ two of its operations get them wrong (seen with triton 3.6 to 3.9):
 fp32 first (products of bf16 values are exact in fp32, and the GPU accumulates in fp32 too) and
 fp32 -> bf16 casts round to nearest even (NaN stays NaN). Every other path is the interpreter's
 own. It changes nothing outside interpreter mode, and only if the builder has the methods it
-expects; ``fixed()`` says whether it is in effect. ``tests/test_interpreter_bf16.py`` checks both
-operations against torch.
+expects (``apply()`` returns whether it is in effect). ``tests/test_interpreter_bf16.py`` checks
+both operations against torch.
 """
 from __future__ import annotations
 
@@ -83,7 +83,3 @@ def apply() -> bool:
         builder.create_fp_to_fp = fixed_create_fp_to_fp
     _applied = True
     return True
-
-
-def fixed() -> bool:
-    return _applied

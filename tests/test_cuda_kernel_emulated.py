@@ -31,6 +31,17 @@ def emulator():
     return cuda_emulator.load()
 
 
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """Deterministic mode fills every torch.empty with NaN (the driver's outputs, grad_y and the
+    partial sums included), so an element a kernel never writes cannot pass unnoticed."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    assert torch.empty(4).isnan().all(), "deterministic mode does not poison torch.empty here"
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
 class EmulatedFunction(torch.autograd.Function):
     """The emulated kernels wired exactly as the extension's CUDA op: the backward recomputes."""
 

@@ -12,18 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastseg.kernels import interpreter_bf16_ok, interpreter_enabled
 from fastseg.kernels.decoder_upsample_fuse import upsample_sum_bwd, upsample_sum_fwd
 
-HAS_CUDA = torch.cuda.is_available()
-CPU = pytest.param("cpu", marks=pytest.mark.skipif(
-    not interpreter_enabled(), reason="CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)"))
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device"))
-# Triton's interpreter computes tl.dot on bf16 operands wrongly unless fastseg's fix
-# (fastseg.kernels.interpreter_bf16) is in effect; without it bf16 is checked on a GPU only.
-CPU_BF16 = pytest.param("cpu", marks=pytest.mark.skipif(
-    not interpreter_enabled() or not interpreter_bf16_ok(),
-    reason="needs Triton's interpreter with fastseg's bf16 fix (it could not be installed on this triton)"))
+from triton_devices import CPU, CPU_BF16, CUDA, HAS_CUDA
 
 
 # ---------------------------------------------------------------------------- reference

@@ -302,9 +302,14 @@ def test_outputs_never_read_uninitialised_memory(cpu_engine):
         assert torch.empty(4).isnan().all(), "deterministic mode does not poison torch.empty here"
         with use_backend("cpp"):
             got = run(overlap_patch_embed, tensors, meta)
+            with torch.no_grad():  # inference: the packed-weight conv (engine "conv")
+                inference = overlap_patch_embed(*tensors[:3], meta["stride"], *tensors[3:5], meta["eps"],
+                                                meta["hw"])[0]
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert_close_fp32(got, gold(tensors, meta))
+    want = gold(tensors, meta)
+    assert_close_fp32(got, want)
+    assert_close_fp32((inference, []), (want[0], []))
 
 
 # --- CUDA kernel (skipped without a GPU) --------------------------------------------------------
