@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+from fastseg import parity
 from fastseg.timing import PeakMemory, measure, median
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -46,8 +47,17 @@ def case_id(case) -> str:
     return "-".join(str(c) for c in case)
 
 
-def check_parity(got: torch.Tensor, want: torch.Tensor, what: str) -> float:
-    """Relative max error of ``got`` vs ``want``; fails the benchmark if they disagree."""
+def check_parity(got: torch.Tensor, want: torch.Tensor, what: str, gold: torch.Tensor | None = None) -> float:
+    """Relative max error of ``got`` vs ``want``; fails the benchmark if they disagree.
+
+    With ``gold`` (the eager model's output in fp32) a low-precision ``got`` is judged by
+    :mod:`fastseg.parity` instead: its error against the gold must stay within 2x eager's own
+    (``want``'s); the returned error is then ``got``'s relative RMS error against the gold."""
+    if gold is not None and want.dtype != torch.float32:
+        mine, eager = parity.errors(got, gold), parity.errors(want, gold)
+        ok, why = parity.judge(mine, eager, low_precision=True)
+        assert ok, f"{what}: {why}"
+        return mine["rms_rel_err"]
     got, want = got.float(), want.float()
     assert torch.isfinite(got).all(), f"{what}: non-finite output"
     err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()

@@ -23,7 +23,18 @@ def models(variant):
             if isinstance(m, (DropPath, torch.nn.Dropout2d)):
                 m.p = 0.0
         _models[variant] = {"eager": eager, "fused": copy.deepcopy(eager).set_fused(True)}
+        if DTYPE != torch.float32:  # low precision is judged against an fp32 gold (fastseg.parity)
+            _models[variant]["gold"] = copy.deepcopy(eager).float()
     return _models[variant]
+
+
+def gold_output(variant, x, train=False):
+    """The eager model's fp32 output on ``x``, or None when the suite itself runs in fp32."""
+    gold = models(variant).get("gold")
+    if gold is None:
+        return None
+    with torch.inference_mode():
+        return gold.train(train)(x.float())
 
 
 def model_for(variant, impl):
@@ -48,7 +59,7 @@ def test_forward(benchmark, impl, case):
     if impl != "eager":
         ref_model = models(variant)["eager"].eval()
         with torch.inference_mode():
-            err = check_parity(fn(), ref_model(x), f"SegFormer-{variant} {impl}")
+            err = check_parity(fn(), ref_model(x), f"SegFormer-{variant} {impl}", gold=gold_output(variant, x))
     run_benchmark(benchmark, fn, group=f"SegFormer forward {case_id(case)}", impl=impl, error=err)
 
 
@@ -70,5 +81,6 @@ def test_training_step(benchmark, impl, case):
     err = None
     if impl != "eager":
         ref_model = models(variant)["eager"].train()
-        err = check_parity(fn().detach(), ref_model(x).detach(), f"SegFormer-{variant} train {impl}")
+        err = check_parity(fn().detach(), ref_model(x).detach(), f"SegFormer-{variant} train {impl}",
+                           gold=gold_output(variant, x, train=True))
     run_benchmark(benchmark, fn, group=f"SegFormer forward+backward {case_id((variant, B, H, W))}", impl=impl, error=err)

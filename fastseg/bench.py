@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from fastseg import parity
 from fastseg.timing import PeakMemory, device_name, measure, median
 
 SCHEMA = "fastseg-bench/1"
@@ -56,14 +57,6 @@ def generated_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
     return ((img - mean) / std)[None]
 
 
-def _parity(out: torch.Tensor, ref: torch.Tensor) -> dict:
-    out, ref = out.float(), ref.float()
-    finite = bool(torch.isfinite(out).all())
-    err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item() if finite else float("inf")
-    agree = (out.argmax(1) == ref.argmax(1)).float().mean().item()
-    return {"max_rel_err": err, "argmax_agreement": agree, "finite": finite}
-
-
 def run(args) -> dict:
     from fastseg import SegFormer
 
@@ -86,6 +79,14 @@ def run(args) -> dict:
     x = generated_image(args.height, args.width, args.seed).repeat(args.batch, 1, 1, 1).to(device=device, dtype=dtype)
 
     import copy
+
+    low_precision = dtype != torch.float32
+    gold = None
+    if low_precision:  # the fp32 gold every low-precision mode is judged against (fastseg.parity)
+        gold_model = copy.deepcopy(base).float()
+        with torch.inference_mode():
+            gold = gold_model(x.float()).detach().clone()
+        del gold_model
 
     modes = {"eager": base, "fused": copy.deepcopy(base).set_fused(True)}
     compile_s = None
@@ -120,17 +121,21 @@ def run(args) -> dict:
             with torch.inference_mode():
                 out = model(x).detach().clone()
             if reference is None:
-                reference = out
+                reference = out if gold is None else gold
             with PeakMemory(device) as mem:
                 step(model)()
             times = measure(step(model), device, args.warmup, args.repeats, on_step=bar.update)
             ms = median(times)
             results.append({"mode": name, "median_ms": ms, "min_ms": min(times), "max_ms": max(times),
                             "images_per_s": args.batch / (ms / 1e3), "peak_mem_mb": mem.peak / 2**20,
-                            **_parity(out, reference)})
+                            **parity.errors(out, reference)})
     eager_ms = results[0]["median_ms"]
     for r in results:
         r["speedup"] = eager_ms / r["median_ms"]
+        if r["mode"] == "eager" and not low_precision:
+            r["parity"], r["parity_note"] = True, "the reference"
+        else:
+            r["parity"], r["parity_note"] = parity.judge(r, results[0], low_precision)
     fused = modes["fused"]
     return {
         "schema": SCHEMA,
@@ -145,16 +150,25 @@ def run(args) -> dict:
         "backends": {op: c.backend for op, c in fused.backends().items()},
         "compile_s": compile_s,
         "peak_mem_note": "CUDA allocator peak" if device.type == "cuda" else "process RSS peak (sampled)",
+        "parity_rule": (f"errors against an fp32 gold (eager fp32, same input); pass: finite and RMS error <= "
+                        f"{parity.LOW_PRECISION_FACTOR:g}x eager {args.dtype}'s own" if low_precision else
+                        f"errors against eager fp32; pass: finite and argmax agreement >= "
+                        f"{100 * parity.ARGMAX_AGREEMENT_MIN:.1f}%"),
         "results": results,
     }
 
 
 def table(record: dict) -> str:
-    lines = ["| mode | median ms | images/s | speedup | max rel err | argmax agree | peak mem MB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    low = record["config"]["dtype"] != "fp32"
+    vs = "vs fp32 gold" if low else "vs eager"
+    lines = [f"| mode | median ms | images/s | speedup | max rel err {vs} | RMS rel err {vs} | argmax agree {vs} | "
+             f"parity | peak mem MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in record["results"]:
+        verdict = "ok" if r.get("parity", True) else "FAILED"
         lines.append(f"| {r['mode']} | {r['median_ms']:.2f} | {r['images_per_s']:.2f} | {r['speedup']:.2f}x | "
-                     f"{r['max_rel_err']:.1e} | {100 * r['argmax_agreement']:.3f}% | {r['peak_mem_mb']:.0f} |")
+                     f"{r['max_rel_err']:.1e} | {r.get('rms_rel_err', float('nan')):.1e} | "
+                     f"{100 * r['argmax_agreement']:.3f}% | {verdict} | {r['peak_mem_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -205,6 +219,8 @@ def write(record: dict, out_dir: Path, make_plot: bool = True) -> dict:
           f"- date: {record['date']}", f"- command: `{record['command']}`",
           "- fused backends: " + ", ".join(f"{k}={v}" for k, v in record["backends"].items()),
           f"- peak memory: {record['peak_mem_note']}"]
+    if "parity_rule" in record:
+        md.append(f"- parity: {record['parity_rule']}")
     if record["compile_s"] is not None:
         md.append(f"- torch.compile time (excluded from timings): {record['compile_s']:.1f} s")
     md += ["", table(record), ""]
@@ -279,12 +295,13 @@ def main(args) -> int:
     if record["compile_s"] is not None:
         print(f"torch.compile took {record['compile_s']:.1f} s (not in the timings)")
     print(table(record))
+    print(f"parity: {record['parity_rule']}")
     out_dir = Path(args.out)
     paths = write(record, out_dir, make_plot=not args.no_plot)
     update_summary(out_dir.parent / "README.md", out_dir)
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    bad = [r["mode"] for r in record["results"] if not r["finite"] or r["argmax_agreement"] < 0.999]
+    bad = [f"{r['mode']} ({r['parity_note']})" for r in record["results"] if not r["parity"]]
     if bad:
-        print(f"PARITY FAILED for: {', '.join(bad)}")
+        print(f"PARITY FAILED for: {'; '.join(bad)}")
         return 1
     return 0
