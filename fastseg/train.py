@@ -99,8 +99,18 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
-    def close(self):
+    def finish(self):
+        """After a run that completed on every rank: wait until all ranks are done with their
+        collectives (and rank 0 with its files), so no rank tears down while another still talks
+        to it or to rank 0's store."""
         if self.enabled and dist.is_initialized():
+            dist.barrier()
+
+    def close(self):
+        """Last step of a run: destroy the process group (after every other teardown)."""
+        if self.enabled and dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             dist.destroy_process_group()
 
 
@@ -348,10 +358,13 @@ class RunLog:
                     self.tb.add_scalar(tag, v, iteration)
 
     def close(self) -> None:
+        """Idempotent: the run's teardown calls it again after an error."""
         if self.enabled:
-            self._file.close()
+            if not self._file.closed:
+                self._file.close()
             if self.tb is not None:
-                self.tb.close()
+                self.tb.close()  # flushes and joins its writer thread
+                self.tb = None
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -398,6 +411,7 @@ def run(args) -> dict:
             tqdm.write(msg, file=sys.stdout)
             sys.stdout.flush()
 
+    bar = log = loader = batches = None
     try:
         if args.deterministic:
             torch.backends.cudnn.benchmark = False
@@ -569,7 +583,6 @@ def run(args) -> dict:
                 ddp.barrier()
                 t_window = time.perf_counter()
         bar.close()
-        log.close()
 
         if ddp.enabled:
             _sync_buffers(unwrap(model))
@@ -588,9 +601,30 @@ def run(args) -> dict:
                 summary["final_model"] = str(out_dir / "final")
             write_json(summary, out_dir / "summary.json")
             say(f"done: {it} iterations, final loss {last_loss:.4f}; wrote {out_dir / 'summary.json'}")
+        ddp.finish()
         return summary
     finally:
+        _teardown(bar, log, batches, loader)
         ddp.close()
+
+
+def _teardown(bar, log, batches, loader) -> None:
+    """Stop everything that runs beside the training loop, before the process group goes:
+    the progress bar, the CSV / TensorBoard writers (TensorBoard has a writer thread), and the
+    DataLoader's worker processes and their pin-memory thread."""
+    for close in (getattr(bar, "close", None), getattr(log, "close", None), getattr(batches, "close", None)):
+        if close is not None:
+            try:
+                close()
+            except Exception:  # teardown must reach destroy_process_group
+                pass
+    iterator = getattr(loader, "_iterator", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:  # persistent workers live until the iterator is shut down
+        try:
+            shutdown()
+        except Exception:
+            pass
 
 
 def _sync_buffers(model: nn.Module) -> None:
