@@ -18,6 +18,7 @@
 #include <Python.h>
 
 #include "overlap_patch_embed.h"
+#include "upsample_argmax.h"
 
 #include <torch/library.h>
 
@@ -36,11 +37,15 @@ TORCH_LIBRARY(fastseg_ext, m) {
       "overlap_patch_embed_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor ln_weight, "
       "Tensor mean, Tensor rstd, Tensor? y, int stride, int padding, bool needs_dx, bool needs_dweight) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Fused bilinear upsample (align_corners=False) + argmax over K, inference only (CPU kernel:
+  // upsample_argmax_cpu.cpp): (labels (B, H, W) int64, scores (B, H, W) or empty (0, H, W)).
+  m.def("upsample_argmax_fwd(Tensor logits, int H, int W, bool return_scores) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastseg_ext, CPU, m) {
   m.impl("overlap_patch_embed_fwd", &fastseg::overlap_patch_embed_fwd_cpu);
   m.impl("overlap_patch_embed_bwd", &fastseg::overlap_patch_embed_bwd_cpu);
+  m.impl("upsample_argmax_fwd", &fastseg::upsample_argmax_fwd_cpu);
 }
 
 // A packed (oneDNN-layout) weight makes the call dispatch on MkldnnCPU: the same CPU kernel.

@@ -4,6 +4,7 @@ from fastseg.ops.dispatch import BackendUnavailable, choose, use_backend
 from fastseg.ops.dwconv3x3_gelu import dwconv3x3_gelu, dwconv3x3_gelu_reference
 from fastseg.ops.overlap_patch_embed import overlap_patch_embed, overlap_patch_embed_reference
 from fastseg.ops.sr_attention import sr_attention, sr_attention_reference
+from fastseg.ops.upsample_argmax import upsample_argmax, upsample_argmax_reference
 
 __all__ = [
     "BackendUnavailable",
@@ -19,4 +20,6 @@ __all__ = [
     "overlap_patch_embed_reference",
     "sr_attention",
     "sr_attention_reference",
+    "upsample_argmax",
+    "upsample_argmax_reference",
 ]

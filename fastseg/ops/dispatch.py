@@ -21,7 +21,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-FUSED_OPS = ("overlap_patch_embed", "sr_attention", "dwconv3x3_gelu", "decoder_upsample_fuse")
+FUSED_OPS = ("overlap_patch_embed", "sr_attention", "dwconv3x3_gelu", "decoder_upsample_fuse",
+             "upsample_argmax")
 BACKEND_NAMES = ("triton", "cuda", "cpp", "torch", "reference")
 REFERENCE = "reference"
 

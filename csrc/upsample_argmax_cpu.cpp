@@ -1,0 +1,200 @@
+// CPU kernel of the fused bilinear upsample + argmax (inference only), float32 and float64.
+//
+//   labels[b, y, x] = argmax_k up(logits)[b, k, y, x]      (first maximum wins, NaN counts as the maximum)
+//   scores[b, y, x] = up(logits)[b, labels[b, y, x], y, x] (only when asked for)
+//
+// up is F.interpolate(mode="bilinear", align_corners=False, size=(H, W)); the (B, K, H, W)
+// upsampled tensor never exists: every output pixel interpolates its K values and keeps the best.
+// Per axis (rows shown, columns likewise), in the input's precision T:
+//
+//   scale = T(h) / T(H)
+//   src   = max(fma(scale, y + 0.5, -0.5), 0)        (as ATen's x86 builds compute it: contracted)
+//   y0    = min(floor(src), h - 1),  y1 = y0 + (y0 < h - 1),  l1 = clamp(src - y0, 0, 1),  l0 = 1 - l1
+//   (h == H: y0 = y1 = y, l0 = 1, l1 = 0)
+//
+//   r0 = fma(x[y0, x0], lx0, x[y0, x1] * lx1);  r1 = fma(x[y1, x0], lx0, x[y1, x1] * lx1)
+//   v  = fma(r0, ly0, r1 * ly1)                    (columns mixed first, then rows)
+//
+// The fmas are written out, so the result does not depend on what the compiler contracts.
+// ATen's own result does (its kernels are compiled once per CPU capability with contraction
+// on), so this is not bit-identical to F.interpolate everywhere: values differ by a few ulps at
+// some pixels, and labels only where two classes are that close (see fastseg/ops/upsample_argmax.py).
+//
+// Two loop orders, picked from the logits' strides:
+// * channels-last (stride of K is 1, the fused SegFormer's logits): per output pixel, the four
+//   corner vectors of K contiguous values are mixed and reduced in one pass;
+// * otherwise (NCHW): per output row, class by class, the row of W interpolated values updates a
+//   running maximum and argmax per column (contiguous, vectorisable).
+// Rows of the output (B * H of them) are split over threads with at::parallel_for.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+namespace fastseg {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTSEG_UA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTSEG_UA_CLONES
+#endif
+
+template <typename T>
+struct Taps {
+  std::vector<int64_t> i0, i1;  // element offsets (index * stride)
+  std::vector<T> l0, l1;
+};
+
+template <typename T>
+Taps<T> axis_taps(int64_t in, int64_t out, int64_t stride) {
+  Taps<T> t;
+  t.i0.resize(out);
+  t.i1.resize(out);
+  t.l0.resize(out);
+  t.l1.resize(out);
+  const T scale = static_cast<T>(in) / static_cast<T>(out);
+  for (int64_t o = 0; o < out; ++o) {
+    int64_t i0 = o, i1 = o;
+    T l0 = T(1), l1 = T(0);
+    if (in != out) {
+      T src = std::fma(scale, static_cast<T>(o) + T(0.5), T(-0.5));
+      if (src < T(0)) src = T(0);
+      i0 = std::min(static_cast<int64_t>(std::floor(src)), in - 1);
+      l1 = std::min(std::max(src - static_cast<T>(i0), T(0)), T(1));
+      i1 = i0 + (i0 < in - 1 ? 1 : 0);
+      l0 = T(1) - l1;
+    }
+    t.i0[o] = i0 * stride;
+    t.i1[o] = i1 * stride;
+    t.l0[o] = l0;
+    t.l1[o] = l1;
+  }
+  return t;
+}
+
+template <typename T>
+inline bool better(T v, T best) {
+  return v > best || (v != v && best == best);  // torch.argmax: NaN is the maximum
+}
+
+template <typename T>
+inline T mix(T a, T b, T l0, T l1) {
+  return std::fma(a, l0, b * l1);
+}
+
+// Channels-last: one output pixel at a time, K contiguous per corner.
+template <typename T>
+FASTSEG_UA_CLONES void row_channels_last(const T* base, int64_t K, int64_t oh_r0, int64_t oh_r1, T ly0, T ly1,
+                                         const Taps<T>& tw, int64_t W, int64_t* labels, T* scores) {
+  const T* r0 = base + oh_r0;
+  const T* r1 = base + oh_r1;
+  for (int64_t ox = 0; ox < W; ++ox) {
+    const T* p00 = r0 + tw.i0[ox];
+    const T* p01 = r0 + tw.i1[ox];
+    const T* p10 = r1 + tw.i0[ox];
+    const T* p11 = r1 + tw.i1[ox];
+    const T lx0 = tw.l0[ox], lx1 = tw.l1[ox];
+    T best = mix(mix(p00[0], p01[0], lx0, lx1), mix(p10[0], p11[0], lx0, lx1), ly0, ly1);
+    int64_t arg = 0;
+    for (int64_t k = 1; k < K; ++k) {
+      const T v = mix(mix(p00[k], p01[k], lx0, lx1), mix(p10[k], p11[k], lx0, lx1), ly0, ly1);
+      if (better(v, best)) {
+        best = v;
+        arg = k;
+      }
+    }
+    labels[ox] = arg;
+    if (scores != nullptr) scores[ox] = best;
+  }
+}
+
+// Any other layout: class by class over a whole output row, a running best per column.
+template <typename T>
+FASTSEG_UA_CLONES void row_planar(const T* base, int64_t K, int64_t sk, int64_t oh_r0, int64_t oh_r1, T ly0,
+                                  T ly1, const Taps<T>& tw, int64_t W, int64_t* labels, T* best) {
+  const int64_t* i0 = tw.i0.data();
+  const int64_t* i1 = tw.i1.data();
+  const T* l0 = tw.l0.data();
+  const T* l1 = tw.l1.data();
+  for (int64_t k = 0; k < K; ++k) {
+    const T* r0 = base + k * sk + oh_r0;
+    const T* r1 = base + k * sk + oh_r1;
+    if (k == 0) {
+      for (int64_t ox = 0; ox < W; ++ox) {
+        best[ox] = mix(mix(r0[i0[ox]], r0[i1[ox]], l0[ox], l1[ox]), mix(r1[i0[ox]], r1[i1[ox]], l0[ox], l1[ox]),
+                       ly0, ly1);
+        labels[ox] = 0;
+      }
+      continue;
+    }
+    for (int64_t ox = 0; ox < W; ++ox) {
+      const T v = mix(mix(r0[i0[ox]], r0[i1[ox]], l0[ox], l1[ox]), mix(r1[i0[ox]], r1[i1[ox]], l0[ox], l1[ox]),
+                      ly0, ly1);
+      const bool take = better(v, best[ox]);
+      best[ox] = take ? v : best[ox];
+      labels[ox] = take ? k : labels[ox];
+    }
+  }
+}
+
+template <typename T>
+void run(const at::Tensor& x, int64_t H, int64_t W, at::Tensor& labels, at::Tensor* scores) {
+  const int64_t B = x.size(0), K = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t sb = x.stride(0), sk = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  const Taps<T> th = axis_taps<T>(h, H, sh);
+  const Taps<T> tw = axis_taps<T>(w, W, sw);
+  const T* data = x.const_data_ptr<T>();
+  int64_t* lab = labels.data_ptr<int64_t>();
+  T* sc = scores != nullptr ? scores->data_ptr<T>() : nullptr;
+  const bool channels_last = sk == 1 && K > 1;
+  // A few rows per task: each row is K * W interpolations.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * W));
+  at::parallel_for(0, B * H, grain, [&](int64_t r_begin, int64_t r_end) {
+    std::vector<T> best(channels_last ? 0 : W);
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const int64_t b = r / H, oy = r % H;
+      const T* base = data + b * sb;
+      int64_t* out = lab + r * W;
+      T* out_scores = sc != nullptr ? sc + r * W : nullptr;
+      if (channels_last) {
+        row_channels_last<T>(base, K, th.i0[oy], th.i1[oy], th.l0[oy], th.l1[oy], tw, W, out, out_scores);
+      } else {
+        T* b_row = out_scores != nullptr ? out_scores : best.data();
+        row_planar<T>(base, K, sk, th.i0[oy], th.i1[oy], th.l0[oy], th.l1[oy], tw, W, out, b_row);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> upsample_argmax_fwd_cpu(const at::Tensor& logits, int64_t H, int64_t W,
+                                                          bool return_scores) {
+  TORCH_CHECK_VALUE(logits.dim() == 4, "upsample_argmax: logits must be (B, K, h, w), got ", logits.dim(),
+                    " dimensions");
+  TORCH_CHECK_VALUE(logits.device().is_cpu(), "upsample_argmax: the C++ kernel takes CPU tensors, got ",
+                    logits.device());
+  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
+                   "upsample_argmax: the C++ kernel takes float32 or float64 logits, got ", logits.scalar_type());
+  TORCH_CHECK_VALUE(H >= 1 && W >= 1, "upsample_argmax: output size must be positive, got ", H, "x", W);
+  TORCH_CHECK_VALUE(logits.size(1) >= 1 && logits.size(2) >= 1 && logits.size(3) >= 1,
+                    "upsample_argmax: logits must have at least one class and one pixel, got shape ",
+                    logits.sizes());
+  const int64_t B = logits.size(0);
+  at::Tensor labels = at::empty({B, H, W}, logits.options().dtype(at::kLong));
+  at::Tensor scores = at::empty({return_scores ? B : 0, H, W}, logits.options());
+  if (B == 0) return {labels, scores};
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "upsample_argmax_fwd_cpu", [&] {
+    run<scalar_t>(logits, H, W, labels, return_scores ? &scores : nullptr);
+  });
+  return {labels, scores};
+}
+
+}  // namespace fastseg
