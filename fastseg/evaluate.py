@@ -16,7 +16,11 @@ predict::
     fastseg predict --checkpoint ckpt.pth img1.jpg folder/ --out masks/ --palette ade20k --overlay 0.5
 
 writes ``<stem>.png`` (the class map in palette colours) for each image, and ``<stem>_overlay.png``
-(mask blended over the image) with ``--overlay ALPHA``.
+(mask blended over the image) with ``--overlay ALPHA``. Images are decoded in DataLoader workers
+(``--workers``) while the model runs; ``--batch N`` runs up to N images of one size together.
+An unreadable image is skipped with a warning naming it, the others are written, and the exit
+code is 1 when any failed (all listed at the end). Labels come from the fused upsample + argmax,
+so no full-resolution logits are held.
 
 Both commands expose ``add_*_arguments(parser)`` and ``*_main(args) -> int``; ``add_arguments``
 / ``main`` are the eval command. ``python -m fastseg.evaluate {eval,predict} …`` runs either.
@@ -158,15 +162,16 @@ def evaluate_model(model, dataset, *, mode="whole", crop=None, stride=None, scal
                    test_scale=None, device=None, amp="none", workers=0, limit=None, progress=True) -> dict:
     """mIoU & co. of ``model`` on a dataset (a :class:`fastseg.data.SegmentationDataset`).
 
-    Each image is resized to ``test_scale`` (aspect kept), run with :func:`fastseg.inference.segment`
-    and its prediction resized back to the label's size. Under torch.distributed each rank takes
+    Each image is resized to ``test_scale`` (aspect kept) and run with
+    :func:`fastseg.inference.segment_labels`, whose fused upsample + argmax gives the labels at the
+    label's size straight from the logits' grid (no full-resolution logits). Under torch.distributed each rank takes
     every ``world``-th image and the confusion matrices are summed. Returns the metrics dict
     (see :mod:`fastseg.metrics`) plus ``images``.
     """
     from tqdm import tqdm
 
     from fastseg.data import EvalSet, TestTransform
-    from fastseg.inference import segment
+    from fastseg.inference import segment_labels
     from fastseg.metrics import SegMetric
 
     device = device or next(model.parameters()).device
@@ -183,9 +188,9 @@ def evaluate_model(model, dataset, *, mode="whole", crop=None, stride=None, scal
                                     file=sys.stderr, leave=False):
             image = image[None].to(device, non_blocking=True)
             with autocast(device, amp):
-                probs = segment(model, image, mode=mode, crop=crop, stride=stride, scales=scales, flip=flip,
-                                out_size=label.shape)
-            metric.update(probs.argmax(1)[0], label.to(device))
+                labels = segment_labels(model, image, mode=mode, crop=crop, stride=stride, scales=scales,
+                                        flip=flip, out_size=label.shape)
+            metric.update(labels[0], label.to(device))
     finally:
         model.train(was_training)
     metric.all_reduce()
@@ -305,7 +310,12 @@ def add_predict_arguments(p) -> None:
                    help="ade20k, cityscapes or generated (default: the checkpoint's dataset, else generated)")
     p.add_argument("--overlay", type=float, default=None, metavar="ALPHA",
                    help="also write <stem>_overlay.png: ALPHA * mask colours + (1 - ALPHA) * image")
-    p.add_argument("--save-labels", action="store_true", help="also write <stem>_labels.png (class ids, mode L)")
+    p.add_argument("--save-labels", action="store_true",
+                   help="also write <stem>_labels.png: class ids, 8-bit (mode L), or 16-bit (mode I;16) when the "
+                        "model has more than 256 classes")
+    p.add_argument("--batch", type=int, default=1,
+                   help="images per forward pass; only images of one size are batched together (never padded)")
+    p.add_argument("--workers", type=int, default=2, help="background image-decoding workers (0: none)")
     p.add_argument("--dataset-recipe", default=None, choices=["ade20k", "cityscapes"],
                    help="use this dataset's test scale and mode defaults")
     add_inference_arguments(p)
@@ -332,16 +342,59 @@ def collect_images(inputs) -> list[Path]:
     return files
 
 
+class PredictImages(torch.utils.data.Dataset):
+    """Image files decoded and test-transformed (in DataLoader workers): (index, x, image, error).
+    An unreadable file gives x = image = None and the error text instead of raising, so one bad
+    file never stops the loader."""
+
+    def __init__(self, files, transform):
+        self.files, self.transform = list(files), transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        from fastseg.data import read_image
+
+        try:
+            image = read_image(self.files[index])
+            x, _ = self.transform(image)
+            return index, x, image, None
+        except Exception as e:  # noqa: BLE001 - reported per file by predict_main
+            return index, None, None, str(e) or type(e).__name__
+
+
+def _as_is(sample):
+    return sample  # keep numpy images as they are (the default would convert them to tensors)
+
+
+LABEL_PNG_8BIT_MAX = 256  # classes an 8-bit (mode L) label PNG can hold
+
+
+def save_label_png(labels: np.ndarray, path: Path, num_classes: int | None) -> None:
+    """Class ids as a PNG: 8-bit (mode L) for up to 256 classes, else 16-bit (mode I;16), so ids
+    never wrap. Read back exactly by :func:`fastseg.data.read_label`."""
+    from PIL import Image
+
+    wide = (num_classes or 0) > LABEL_PNG_8BIT_MAX or (labels.size and int(labels.max()) >= LABEL_PNG_8BIT_MAX)
+    Image.fromarray(labels.astype(np.uint16 if wide else np.uint8)).save(path)
+
+
 def predict_main(args) -> int:
+    """Masks for every readable image; unreadable ones are skipped with a warning naming the file,
+    and the exit code is 1 if any image failed (all failures listed at the end)."""
     from PIL import Image
     from tqdm import tqdm
 
-    from fastseg.data import TestTransform, colorize, generated_palette, overlay, palette_for, read_image
+    from fastseg.data import TestTransform, colorize, generated_palette, overlay, palette_for
     from fastseg.data.palettes import PALETTES
-    from fastseg.inference import load_model, segment
+    from fastseg.inference import load_model, segment_labels
 
     if args.overlay is not None and not 0.0 <= args.overlay <= 1.0:
         raise ValueError(f"--overlay must be in [0, 1], got {args.overlay}")
+    batch = getattr(args, "batch", 1)
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
     files = collect_images(args.inputs)
     device = pick_device(args.device)
     model, info = load_model(args.checkpoint, model_name=args.model)
@@ -357,31 +410,80 @@ def predict_main(args) -> int:
     if (args.palette in PALETTES and num_classes is not None and num_classes != len(PALETTES[args.palette])):
         raise ValueError(f"the {args.palette} palette has {len(PALETTES[args.palette])} colours but the model "
                          f"predicts {num_classes} classes")
-    transform = TestTransform(settings["test_scale"])
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.save_labels and num_classes is not None and num_classes > LABEL_PNG_8BIT_MAX:
+        print(f"--save-labels: the model has {num_classes} classes (> {LABEL_PNG_8BIT_MAX}), so the label PNGs "
+              "are 16-bit (mode I;16)", file=sys.stderr)
+    workers = max(0, min(getattr(args, "workers", 2), len(files)))
+    loader = torch.utils.data.DataLoader(PredictImages(files, TestTransform(settings["test_scale"])), batch_size=None,
+                                         num_workers=workers, prefetch_factor=max(2, batch) if workers else None,
+                                         collate_fn=_as_is)
     palette = None
-    written = []
-    with torch.no_grad():
-        for path in tqdm(files, desc="predict", unit="img", disable=args.quiet, file=sys.stderr):
-            image = read_image(path)
-            x, _ = transform(image)
-            with autocast(device, args.amp):
-                probs = segment(model, x[None].to(device), mode=settings["mode"], crop=settings["crop"],
-                                stride=settings["stride"], scales=settings["scales"], flip=settings["flip"],
-                                out_size=image.shape[:2])
-            labels = probs.argmax(1)[0].cpu().numpy().astype(np.int64)
-            if palette is None:
-                k = probs.shape[1]
-                palette = (palette_for(palette_name, k) if palette_name != "generated" else generated_palette(k))
-            colours = colorize(labels, palette)
-            Image.fromarray(colours).save(out_dir / f"{path.stem}.png")
-            written.append(out_dir / f"{path.stem}.png")
-            if args.overlay is not None:
-                Image.fromarray(overlay(image, colours, args.overlay)).save(out_dir / f"{path.stem}_overlay.png")
-            if args.save_labels:
-                Image.fromarray(labels.astype(np.uint8)).save(out_dir / f"{path.stem}_labels.png")
+    written, failures = [], []
+    groups: dict[tuple, list] = {}  # images of one (transformed, original) size, waiting for a batch
+    progress = tqdm(total=len(files), desc="predict", unit="img", disable=args.quiet, file=sys.stderr)
+
+    def fail(path, error: str) -> None:
+        failures.append((path, error))
+        message = f"fastseg predict: skipping {path}: {error}"
+        if args.quiet:
+            print(message, file=sys.stderr)
+        else:
+            progress.write(message, file=sys.stderr)
+
+    def run(key) -> None:
+        nonlocal palette
+        items = groups.pop(key)
+        try:
+            x = torch.stack([item[1] for item in items]).to(device)
+            with torch.no_grad(), autocast(device, args.amp):
+                labels = segment_labels(model, x, mode=settings["mode"], crop=settings["crop"],
+                                        stride=settings["stride"], scales=settings["scales"], flip=settings["flip"],
+                                        out_size=items[0][2].shape[:2])
+            labels = labels.cpu().numpy()
+        except Exception as e:  # noqa: BLE001 - e.g. an image too small for the model: skip it, go on
+            for index, _, _ in items:
+                fail(files[index], f"inference failed ({type(e).__name__}: {e})")
+            progress.update(len(items))
+            return
+        for (index, _, image), lab in zip(items, labels):
+            path = files[index]
+            try:
+                if palette is None:
+                    k = num_classes or max(int(lab.max()) + 1, 1)
+                    palette = palette_for(palette_name, k) if palette_name != "generated" else generated_palette(k)
+                colours = colorize(lab, palette)
+                Image.fromarray(colours).save(out_dir / f"{path.stem}.png")
+                if args.overlay is not None:
+                    Image.fromarray(overlay(image, colours, args.overlay)).save(out_dir / f"{path.stem}_overlay.png")
+                if args.save_labels:
+                    save_label_png(lab, out_dir / f"{path.stem}_labels.png", num_classes)
+                written.append(out_dir / f"{path.stem}.png")
+            except (OSError, ValueError) as e:
+                fail(path, f"could not write its outputs ({type(e).__name__}: {e})")
+            progress.update(1)
+
+    try:
+        for index, x, image, error in loader:
+            if error is not None:
+                fail(files[index], error)
+                progress.update(1)
+                continue
+            key = (tuple(x.shape), image.shape[:2])
+            groups.setdefault(key, []).append((index, x, image))
+            if len(groups[key]) >= batch:
+                run(key)
+        for key in list(groups):
+            run(key)
+    finally:
+        progress.close()
     print(f"wrote {len(written)} mask(s) to {out_dir}")
+    if failures:
+        print(f"fastseg predict: {len(failures)} of {len(files)} image(s) failed:", file=sys.stderr)
+        for path, error in failures:
+            print(f"  {path}: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,10 +15,37 @@ Modes follow mmsegmentation's ``EncoderDecoder``:
 
 Models may return a tensor, or in training mode ``(main_logits, [aux_logits, …])`` (SETR with
 auxiliary heads): inference always uses the main logits.
+
+Labels without full-resolution logits (:func:`segment_labels`, what ``fastseg predict`` and
+``fastseg eval`` use): everything is accumulated on the logits' own grid (1/4 of the image for
+SegFormer) and upsampled once, by the fused :func:`fastseg.ops.upsample_argmax`, so no
+(B, K, H, W) full-resolution tensor is ever made.
+
+- ``whole``: labels = upsample_argmax(logits, out_size) — one bilinear resize from the logits'
+  grid straight to ``out_size``.
+- ``slide``: each window's logits are added into a grid for the whole image with a count map
+  (mmseg's averaging), window by window. A grid cell takes a window's value at the cell's centre,
+  read off the window's own bilinear upsampling; when windows start on multiples of the
+  logits' stride (4) and span a multiple of it, that is the window's own cell, copied exactly.
+  Then grid / count is upsampled once.
+- multi-scale / flip: each pass's softmax probabilities are resized (and mirrored back) onto
+  the grid of the unscaled image and averaged there (mmseg's ``aug_test`` averages softmax
+  probabilities too), then upsampled once.
+
+How this differs from :func:`segment` (the two-step path, kept as the reference: it holds
+(B, K, H, W)): bilinear upsampling is linear, so it commutes with the window sums and the
+count division wherever the count is constant over a pixel's 2×2 neighbourhood of cells and no
+window edge clamps the interpolation; labels then differ only at near-ties (rounding). They can
+differ within about one cell (4 px) of window edges (a window's own upsampling clamps at its
+edge; the whole-image one interpolates across it into the neighbour window), where a
+``test_scale`` makes the two-step path resize twice (to the resized input, then to
+``out_size``) instead of once, and with several passes, where the softmax is taken before the
+upsampling instead of after it. tests/test_metrics_inference.py measures the agreement.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -80,7 +107,10 @@ def slide_inference(model, images: torch.Tensor, crop, stride) -> torch.Tensor:
 
 def segment(model, images: torch.Tensor, *, mode: str = "whole", crop=None, stride=None,
             scales=(1.0,), flip: bool = False, out_size=None) -> torch.Tensor:
-    """Class probabilities (B, K, *out_size) (default: the input size), float32.
+    """Class probabilities (B, K, *out_size) (default: the input size), float32: the two-step
+    path (upsample every pass to full resolution, then average). It holds (B, K, H, W) tensors;
+    ``fastseg predict`` / ``eval`` use :func:`segment_labels` instead, and this stays as its
+    reference (tests compare the two).
 
     ``scales`` are resize ratios of ``images``; ``flip`` adds a horizontally flipped pass per
     scale. Call under ``torch.no_grad()`` / autocast as needed; the model should be in eval mode.
@@ -113,6 +143,130 @@ def segment(model, images: torch.Tensor, *, mode: str = "whole", crop=None, stri
             probs = p if probs is None else probs + p
             n += 1
     return probs / n
+
+
+# --- labels without full-resolution logits ---------------------------------------------------------
+
+def model_logits(model, images: torch.Tensor) -> torch.Tensor:
+    """images: (B, 3, H, W) → the model's logits on its own grid (B, K, h, w), float32."""
+    return main_logits(model(images)).float()
+
+
+def _cell_taps(cells: int, size: int, start: int, stop: int, crop: int, crop_cells: int):
+    """Which cells of the image grid (``cells`` over ``size`` pixels) the window [start, stop)
+    covers, and how to read them off the window's own grid (``crop_cells`` over ``crop`` pixels).
+
+    Cell j's centre sits at pixel (j + ½)·size/cells − ½ (align_corners=False); the window owns
+    the centres in [start − ½, stop − ½) and gives each the value of its own bilinear
+    upsampling there. Returns (j0, j1, i0, i1, l1): cells j0…j1-1 take (1 − l1)·win[i0] + l1·win[i1].
+    """
+    j = torch.arange(cells, dtype=torch.float64)
+    centre = (j + 0.5) * (size / cells) - 0.5
+    inside = (centre >= start - 0.5) & (centre < stop - 0.5)
+    js = inside.nonzero().flatten()
+    if js.numel() == 0:  # a window narrower than a cell owns no cell centre
+        return None
+    j0, j1 = int(js[0]), int(js[-1]) + 1
+    src = (centre[j0:j1] - start + 0.5) * (crop_cells / crop) - 0.5
+    near = src.round()
+    src = torch.where((src - near).abs() < 1e-6, near, src).clamp(0, crop_cells - 1)
+    i0 = src.floor().long()
+    l1 = src - i0
+    i1 = (i0 + 1).clamp(max=crop_cells - 1)
+    return j0, j1, i0, i1, l1.float()
+
+
+def _read_window(logits: torch.Tensor, taps_h, taps_w) -> torch.Tensor:
+    """The window's logits (B, K, hc, wc) at the cell centres it covers (exact copies when aligned)."""
+    _, _, i0, i1, l1 = taps_h
+    if (l1 == 0).all():
+        out = logits.index_select(2, i0)
+    else:
+        out = torch.lerp(logits.index_select(2, i0), logits.index_select(2, i1), l1[:, None])
+    _, _, i0, i1, l1 = taps_w
+    if (l1 == 0).all():
+        return out.index_select(3, i0)
+    return torch.lerp(out.index_select(3, i0), out.index_select(3, i1), l1)
+
+
+def slide_logits(model, images: torch.Tensor, crop, stride) -> torch.Tensor:
+    """images: (B, 3, H, W) → logits on the grid of the whole image (B, K, h, w), averaged over the
+    overlapping ``crop`` windows (count map), accumulated window by window at that resolution."""
+    crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
+    stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    if min(crop) < 1 or min(stride) < 1:
+        raise ValueError(f"crop and stride must be positive, got crop={crop} stride={stride}")
+    B, _, H, W = images.shape
+    total = count = None
+    for y1, y2 in _windows(H, crop[0], stride[0]):
+        for x1, x2 in _windows(W, crop[1], stride[1]):
+            logits = model_logits(model, images[:, :, y1:y2, x1:x2])
+            hc, wc = logits.shape[-2:]
+            if total is None:  # the image's grid: the windows' cells per pixel, over the image
+                gh, gw = math.ceil(H * hc / (y2 - y1) - 1e-9), math.ceil(W * wc / (x2 - x1) - 1e-9)
+                total = logits.new_zeros(B, logits.shape[1], gh, gw)
+                count = logits.new_zeros(1, 1, gh, gw)
+            th = _cell_taps(total.shape[2], H, y1, y2, y2 - y1, hc)
+            tw = _cell_taps(total.shape[3], W, x1, x2, x2 - x1, wc)
+            if th is None or tw is None:
+                continue
+            total[:, :, th[0]:th[1], tw[0]:tw[1]] += _read_window(logits, th, tw)
+            count[:, :, th[0]:th[1], tw[0]:tw[1]] += 1
+    return total.div_(count.clamp_min_(1))
+
+
+def segment_labels(model, images: torch.Tensor, *, mode: str = "whole", crop=None, stride=None,
+                   scales=(1.0,), flip: bool = False, out_size=None, return_scores: bool = False):
+    """Class labels (B, *out_size) int64 (default: the input size), never holding full-resolution
+    logits (see the module docstring for how it accumulates and how it differs from :func:`segment`).
+
+    With ``return_scores`` also a confidence map (B, *out_size): the winning interpolated logit
+    (one pass) or the winning averaged probability (several scales / flip).
+    Call under ``torch.no_grad()`` / autocast as needed; the model should be in eval mode.
+    """
+    from fastseg.ops import upsample_argmax
+
+    scales = _check_segment_args(mode, crop, stride, images, scales)
+    H, W = images.shape[-2:]
+    out_size = (H, W) if out_size is None else tuple(out_size)
+    passes = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+    passes.sort(key=lambda p: p[0] != 1.0)  # the unscaled pass first: its grid is the common one
+
+    def run(x):
+        return model_logits(model, x) if mode == "whole" else slide_logits(model, x, crop, stride)
+
+    if len(passes) == 1 and passes[0] == (1.0, False):
+        return upsample_argmax(run(images), out_size, return_scores=return_scores)
+    probs, grid = None, None
+    for s, flipped in passes:
+        x = images
+        if s != 1.0:
+            size = (max(int(H * s + 0.5), 1), max(int(W * s + 0.5), 1))
+            x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        logits = run(x.flip(-1) if flipped else x)
+        if flipped:
+            logits = logits.flip(-1)
+        if grid is None:  # the grid the model gives the unscaled image
+            grid = (max(round(logits.shape[-2] / s), 1), max(round(logits.shape[-1] / s), 1))
+        p = logits.softmax(dim=1)
+        del logits
+        if tuple(p.shape[-2:]) != grid:
+            p = F.interpolate(p, size=grid, mode="bilinear", align_corners=False)
+        probs = p if probs is None else probs.add_(p)
+    return upsample_argmax(probs.div_(len(passes)), out_size, return_scores=return_scores)
+
+
+def _check_segment_args(mode, crop, stride, images, scales) -> tuple[float, ...]:
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"unknown inference mode {mode!r}; choose 'whole' or 'slide'")
+    if mode == "slide" and (crop is None or stride is None):
+        raise ValueError("slide inference needs crop and stride")
+    if images.ndim != 4:
+        raise ValueError(f"expected images (B, 3, H, W), got shape {tuple(images.shape)}")
+    scales = tuple(float(s) for s in scales)
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales must be positive ratios, got {scales}")
+    return scales
 
 
 # --- building and loading models -------------------------------------------------------------------
