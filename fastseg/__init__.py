@@ -3,5 +3,6 @@ from fastseg.models import SETR, SegFormer, SegFormerConfig, SETRConfig
 from fastseg.export import export_onnx
 from fastseg.ops.dispatch import BackendUnavailable, use_backend
 from fastseg.version import __version__
+from fastseg.tune import tune  # the function; its module stays importable as fastseg.tune
 
-__all__ = ["BackendUnavailable", "SETR", "SETRConfig", "SegFormer", "SegFormerConfig", "use_backend", "__version__", "export_onnx"]
+__all__ = ["BackendUnavailable", "SETR", "SETRConfig", "SegFormer", "SegFormerConfig", "tune", "use_backend", "__version__", "export_onnx"]

@@ -21,6 +21,12 @@ def info(args) -> int:
     cuda = torch.cuda.is_available()
     print(f"CUDA: {torch.cuda.get_device_name(0) if cuda else 'not available'}")
     print(f"forced backend (FASTSEG_BACKEND): {dispatch.forced_backend() or 'none'}")
+    tuning = sys.modules["fastseg.tune"]  # fastseg.tune is the function; this is its module
+    tuning.install()  # the disk cache's tuned choices show in the lines below
+    print(f"tuned dispatch: {len(tuning.summary_lines())} tuned (op, shape class) for these versions in "
+          f"{tuning.cache_dir() / tuning.CACHE_FILE}; FASTSEG_AUTOTUNE={'1' if tuning.autotune_env() else '0'}")
+    for line in tuning.summary_lines():
+        print(f"  {line}")
     for device in ["cpu"] + (["cuda"] if cuda else []):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             print(f"\n{device} {str(dtype).replace('torch.', '')}:")

@@ -49,17 +49,38 @@ class Choice:
     # Why each better-ranked backend was passed over: {backend: [reasons]}.
     skipped: dict[str, list[str]] = field(default_factory=dict)
     forced: bool = False
+    # Tuned dispatch (fastseg.tune): the measured choices and timings for this op, if any.
+    tuned: str = ""
 
     def describe(self) -> str:
         text = self.backend + (" (forced)" if self.forced else "")
         if self.skipped:
             why = "; ".join(f"{name}: {', '.join(r)}" for name, r in self.skipped.items())
             text += f"  [passed over: {why}]"
+        if self.tuned:
+            text += f"  [tuned: {self.tuned}]"
         return text
 
 
 _registry: dict[str, list[Backend]] = {op: [] for op in FUSED_OPS}
 _forced = threading.local()
+_facts = threading.local()  # the facts of this thread's last choose() per op (for tuning)
+# (wrap(op, backend, impl) -> callable, describe(op, facts) -> str), set by fastseg.tune;
+# None: static dispatch only.
+_tuning = None
+
+
+def set_tuning_hooks(wrap: Callable, describe: Callable) -> None:
+    global _tuning
+    _tuning = (wrap, describe)
+
+
+def tuning_hooks():
+    return _tuning
+
+
+def last_facts(op: str) -> dict | None:
+    return getattr(_facts, "by_op", {}).get(op)
 
 
 def register(op: str, backend: Backend) -> None:
@@ -108,6 +129,9 @@ def choose(op: str, **inputs) -> Choice:
     if op not in _registry:
         raise ValueError(f"unknown op {op!r}; known ops: {list(FUSED_OPS)}")
     candidates = [b for b in _registry[op] if b.name != REFERENCE]
+    if not hasattr(_facts, "by_op"):
+        _facts.by_op = {}
+    _facts.by_op[op] = inputs
     forced = forced_backend()
     if forced == REFERENCE:
         return Choice(op, REFERENCE, forced=True)
@@ -126,17 +150,18 @@ def choose(op: str, **inputs) -> Choice:
         if not reasons and backend.auto_reasons is not None:
             reasons = backend.auto_reasons(**inputs)
         if not reasons:
-            return Choice(op, backend.name, skipped)
+            return Choice(op, backend.name, skipped, tuned=_tuning[1](op, inputs) if _tuning else "")
         skipped[backend.name] = reasons
     if not candidates:
         skipped["fused"] = [f"no fused implementation of {op} is built yet"]
-    return Choice(op, REFERENCE, skipped)
+    return Choice(op, REFERENCE, skipped, tuned=_tuning[1](op, inputs) if _tuning else "")
 
 
 def implementation(op: str, backend: str) -> Callable:
     for b in _registry[op]:
         if b.name == backend:
-            return b.impl
+            # Tuned dispatch picks per call among the backends that can run it (fastseg.tune).
+            return _tuning[0](op, backend, b.impl) if _tuning else b.impl
     raise KeyError(f"{op} has no backend {backend!r}")
 
 
