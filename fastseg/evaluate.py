@@ -129,6 +129,10 @@ def add_inference_arguments(p) -> None:
     g.add_argument("--test-scale", type=parse_size, default="auto",
                    help="resize images (keeping aspect) to fit LONGxSHORT before inference, e.g. 2048x512; "
                         "'none' keeps the size; default: the dataset recipe's")
+    g.add_argument("--two-step", action="store_true",
+                   help="upsample every pass's logits to full resolution, then average and argmax (the previous "
+                        "path, mmseg's arithmetic; holds (K, H, W) tensors). Default: accumulate on the logits' "
+                        "grid and take labels from the fused upsample + argmax")
     g.add_argument("--amp", choices=list(AMP_DTYPES), default="none", help="autocast dtype for inference")
     g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=False, help="fused kernels")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
@@ -150,7 +154,7 @@ def inference_settings(args, dataset_name: str | None) -> dict:
     if test_scale == "auto":
         test_scale = d.test_scale if d else None
     return {"mode": mode, "crop": crop, "stride": stride, "scales": list(args.scales), "flip": bool(args.flip),
-            "test_scale": test_scale}
+            "test_scale": test_scale, "two_step": bool(getattr(args, "two_step", False))}
 
 
 def _first(batch):
@@ -159,7 +163,8 @@ def _first(batch):
 
 @torch.no_grad()
 def evaluate_model(model, dataset, *, mode="whole", crop=None, stride=None, scales=(1.0,), flip=False,
-                   test_scale=None, device=None, amp="none", workers=0, limit=None, progress=True) -> dict:
+                   test_scale=None, device=None, amp="none", workers=0, limit=None, progress=True,
+                   two_step=False) -> dict:
     """mIoU & co. of ``model`` on a dataset (a :class:`fastseg.data.SegmentationDataset`).
 
     Each image is resized to ``test_scale`` (aspect kept) and run with
@@ -189,7 +194,7 @@ def evaluate_model(model, dataset, *, mode="whole", crop=None, stride=None, scal
             image = image[None].to(device, non_blocking=True)
             with autocast(device, amp):
                 labels = segment_labels(model, image, mode=mode, crop=crop, stride=stride, scales=scales,
-                                        flip=flip, out_size=label.shape)
+                                        flip=flip, out_size=label.shape, two_step=two_step)
             metric.update(labels[0], label.to(device))
     finally:
         model.train(was_training)
@@ -440,7 +445,7 @@ def predict_main(args) -> int:
             with torch.no_grad(), autocast(device, args.amp):
                 labels = segment_labels(model, x, mode=settings["mode"], crop=settings["crop"],
                                         stride=settings["stride"], scales=settings["scales"], flip=settings["flip"],
-                                        out_size=items[0][2].shape[:2])
+                                        out_size=items[0][2].shape[:2], two_step=settings["two_step"])
             labels = labels.cpu().numpy()
         except Exception as e:  # noqa: BLE001 - e.g. an image too small for the model: skip it, go on
             for index, _, _ in items:

@@ -216,9 +216,12 @@ def slide_logits(model, images: torch.Tensor, crop, stride) -> torch.Tensor:
 
 
 def segment_labels(model, images: torch.Tensor, *, mode: str = "whole", crop=None, stride=None,
-                   scales=(1.0,), flip: bool = False, out_size=None, return_scores: bool = False):
+                   scales=(1.0,), flip: bool = False, out_size=None, return_scores: bool = False,
+                   two_step: bool = False):
     """Class labels (B, *out_size) int64 (default: the input size), never holding full-resolution
     logits (see the module docstring for how it accumulates and how it differs from :func:`segment`).
+    ``two_step=True`` runs the previous path instead (:func:`segment`, then argmax: mmseg's
+    arithmetic, holding (B, K, H, W); scores are then the winning probability).
 
     With ``return_scores`` also a confidence map (B, *out_size): the winning interpolated logit
     (one pass) or the winning averaged probability (several scales / flip).
@@ -226,6 +229,11 @@ def segment_labels(model, images: torch.Tensor, *, mode: str = "whole", crop=Non
     """
     from fastseg.ops import upsample_argmax
 
+    if two_step:
+        probs = segment(model, images, mode=mode, crop=crop, stride=stride, scales=scales, flip=flip,
+                        out_size=out_size)
+        best, labels = probs.max(1)
+        return (labels, best) if return_scores else labels
     scales = _check_segment_args(mode, crop, stride, images, scales)
     H, W = images.shape[-2:]
     out_size = (H, W) if out_size is None else tuple(out_size)
