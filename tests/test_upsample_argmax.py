@@ -168,3 +168,22 @@ def test_bad_input_and_no_gradient():
     labels, scores = ops.upsample_argmax(w * 2, (8, 8), return_scores=True)
     assert not scores.requires_grad and labels.dtype == torch.int64
     assert ops.upsample_argmax(x, 7).shape == (1, 7, 7)
+
+
+# --- the decoder's banded resize-sum (inference memory) ---------------------------------------------
+
+def test_decoder_banded_upsample_sum_matches_the_full_one(monkeypatch):
+    from fastseg.ops import decoder_upsample_fuse as d
+
+    H, W, E, K = 37, 29, 48, 19
+    maps = [torch.randn(2, H, W, E), torch.randn(2, 19, 15, E), torch.randn(2, 10, 8, E), torch.randn(2, 5, 4, E)]
+    bias, cw, cb = torch.randn(E), torch.randn(K, E) / 7, torch.randn(K)
+    monkeypatch.setattr(d, "BAND_ELEMENTS", 3 * 2 * W * E)  # bands of 3 rows, a short last one
+    for kw in ({}, {"relu": True, "classifier_weight": cw, "classifier_bias": cb}):
+        ref = d.upsample_sum_reference(maps, (H, W), bias, **kw)
+        with torch.no_grad():
+            got = d.upsample_sum_torch(maps, (H, W), bias, **kw)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    m = maps[1].clone().requires_grad_(True)  # with autograd: the unbanded form
+    d.upsample_sum_torch([maps[0], m], (H, W), bias).sum().backward()
+    assert m.grad is not None

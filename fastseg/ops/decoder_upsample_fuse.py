@@ -42,8 +42,66 @@ def upsample_sum_reference(maps, out_hw, bias=None, relu=False, classifier_weigh
     return y
 
 
+BAND_ELEMENTS = 1 << 23  # elements of one (B, rows, W, E) band of the banded inference form (32 MB fp32)
+
+
+def _resize_rows(m: torch.Tensor, out_hw, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of ``_resize(m, out_hw)``, computed from the source rows they need only:
+    the rows are interpolated here (aten's source-index formula), the columns by F.interpolate
+    over the band (its row count unchanged, so it only resizes columns, exactly as the full call)."""
+    H, W = out_hw
+    h, w = m.shape[1:3]
+    if h == H:
+        band = m[:, r0:r1]
+    else:
+        scale = torch.tensor(h, dtype=torch.float32) / torch.tensor(H, dtype=torch.float32)
+        src = (scale * (torch.arange(r0, r1, dtype=torch.float32) + 0.5) - 0.5).clamp_min_(0)
+        i0 = src.floor().long().clamp_(max=h - 1)
+        lam = (src - i0).clamp_(0, 1).to(m.dtype)
+        i1 = (i0 + 1).clamp_(max=h - 1)
+        band = torch.lerp(m.index_select(1, i0), m.index_select(1, i1), lam[None, :, None, None])
+    return band if w == W else _resize(band, (r1 - r0, W))
+
+
+def _upsample_sum_banded(maps, out_hw, bias, relu, classifier_weight, classifier_bias):
+    """Inference form of :func:`upsample_sum_torch` over bands of output rows: the resized
+    E-channel maps exist one band at a time, and only the result is full size (for the classifier
+    form: K channels, not E)."""
+    H, W = out_hw
+    B, E = maps[0].shape[0], maps[0].shape[3]
+    C = E if classifier_weight is None else classifier_weight.shape[0]
+    out = maps[0].new_empty((B, H, W, C))
+    rows = max(1, BAND_ELEMENTS // max(1, B * W * E))
+    for r0 in range(0, H, rows):
+        r1 = min(H, r0 + rows)
+        y = _resize_rows(maps[0], out_hw, r0, r1).clone() if len(maps) == 1 else (
+            _resize_rows(maps[0], out_hw, r0, r1) + _resize_rows(maps[1], out_hw, r0, r1))
+        for m in maps[2:]:
+            y.add_(_resize_rows(m, out_hw, r0, r1))
+        if bias is not None:
+            y.add_(bias.to(y.dtype))
+        if relu:
+            y.relu_()
+        if classifier_weight is not None:
+            y = F.linear(y, classifier_weight, classifier_bias)
+        out[:, r0:r1] = y
+    return out
+
+
 def upsample_sum_torch(maps, out_hw, bias=None, relu=False, classifier_weight=None, classifier_bias=None):
-    """Stock ops on channels-last views: one fresh full-resolution buffer, summed into in place."""
+    """Stock ops on channels-last views: one fresh full-resolution buffer, summed into in place.
+
+    Without autograd (inference), when one resized map is larger than a band (32 MB of fp32), the
+    sum runs over bands of output rows instead (:func:`_upsample_sum_banded`): at 2048×1024
+    a b2's decoder otherwise holds two or three 768-channel maps at 1/4 resolution (0.4 GB each)
+    at once. The result matches the unbanded one to rounding (the rows are interpolated by a
+    lerp here instead of inside F.interpolate).
+    """
+    tensors = [*maps, bias, classifier_weight, classifier_bias]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    B, E = maps[0].shape[0], maps[0].shape[3]
+    if not needs_grad and B * out_hw[0] * out_hw[1] * E > BAND_ELEMENTS and out_hw[0] > 1:
+        return _upsample_sum_banded(maps, tuple(out_hw), bias, relu, classifier_weight, classifier_bias)
     y = _resize(maps[0], out_hw)
     y = y + _resize(maps[1], out_hw) if len(maps) > 1 else y.clone()
     for m in maps[2:]:
