@@ -1,4 +1,4 @@
-"""Command line: ``fastseg bench | info | train | eval | predict``."""
+"""Command line: ``fastseg bench | info | convert | train | eval | predict``."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +42,22 @@ def info(args) -> int:
     return 0
 
 
+def convert(args) -> int:
+    """``fastseg convert SRC OUT --to FORMAT``: any checkpoint fastseg reads, rewritten in another layout."""
+    from fastseg import SETR, SegFormer, checkpoints
+
+    try:
+        saved = checkpoints.convert(args.src, args.out, args.to, model_classes={"segformer": SegFormer, "setr": SETR},
+                                    overwrite=args.overwrite, allow_eps_change=args.allow_eps_change)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"fastseg convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {saved.path} ({saved.format})")
+    for note in saved.notes:
+        print(f"  note: {note}")
+    return 0
+
+
 def main(argv=None) -> int:
     from fastseg import bench
 
@@ -54,6 +70,15 @@ def main(argv=None) -> int:
     p.set_defaults(func=bench.main)
     p = sub.add_parser("info", help="what is installed and which backend each op uses")
     p.set_defaults(func=info)
+    p = sub.add_parser("convert", help="rewrite a SegFormer/SETR checkpoint in another library's layout")
+    p.add_argument("src", help="any checkpoint from_pretrained reads (file, directory, cached HF repo id)")
+    p.add_argument("out", help="output file or directory (hf and fastseg: a directory)")
+    p.add_argument("--to", required=True, choices=["hf", "nvlabs", "mmseg", "smp", "fastseg", "timm"],
+                   help="target layout (SETR: mmseg, timm, fastseg)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--allow-eps-change", action="store_true",
+                   help="convert even where the target library computes with other LayerNorm eps")
+    p.set_defaults(func=convert)
     from fastseg import evaluate, train
 
     p = sub.add_parser("train", help="train SegFormer/SETR (--fused for the kernels; torchrun for DDP)")

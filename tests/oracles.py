@@ -284,3 +284,149 @@ class MMSegSegFormer(nn.Module):
 
     def forward(self, x):
         return self.decode_head(self.backbone(x))
+
+
+# --- segmentation_models_pytorch (smp >= 0.4) Segformer layout ----------------------------------------
+# Built from smp's published structure (encoders/mix_transformer.py, decoders/segformer/, base/heads.py):
+# the MiT blocks there take and return NCHW maps and its LayerNorm accepts NCHW input; the decoder
+# reverses the stage list, so mlp_stage.0 projects the deepest stage; fuse_stage is Conv2dReLU (conv
+# without bias, BN, ReLU); the segmentation head is a 1x1 conv then nn.Upsample(x4, bilinear,
+# align_corners=True). smp itself is not installed (it replaces a CPU torch).
+
+class _SMPLayerNorm(nn.LayerNorm):
+    """smp's LayerNorm: normalises over channels for (B, N, C) tokens and for (B, C, H, W) maps."""
+
+    def forward(self, x):
+        if x.ndim == 4:
+            B, C, H, W = x.shape
+            y = F.layer_norm(x.reshape(B, C, H * W).transpose(1, 2), self.normalized_shape, self.weight, self.bias,
+                             self.eps)
+            return y.transpose(1, 2).reshape(B, C, H, W)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class _SMPAttention(nn.Module):
+    def __init__(self, dim, heads, sr):
+        super().__init__()
+        self.heads, self.sr_ratio = heads, sr
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        if sr > 1:
+            self.sr, self.norm = nn.Conv2d(dim, dim, sr, sr), _SMPLayerNorm(dim)  # eps 1e-5
+        else:
+            self.sr, self.norm = nn.Identity(), nn.Identity()
+
+    def forward(self, x, H, W):
+        B, N, C = x.shape
+        h = self.heads
+        q = self.q(x).reshape(B, N, h, C // h).transpose(1, 2)
+        src = x
+        if self.sr_ratio > 1:
+            src = self.norm(self.sr(x.transpose(1, 2).reshape(B, C, H, W)).reshape(B, C, -1).transpose(1, 2))
+        k, v = self.kv(src).reshape(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)
+        w = torch.softmax(q @ k.transpose(-2, -1) * (C // h) ** -0.5, dim=-1)
+        return self.proj((w @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class _SMPDWConv(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x, H, W):
+        B, N, C = x.shape
+        return self.dwconv(x.transpose(1, 2).reshape(B, C, H, W)).flatten(2).transpose(1, 2)
+
+
+class _SMPMlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.dwconv, self.fc2 = nn.Linear(dim, hidden), _SMPDWConv(hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x, H, W):
+        return self.fc2(F.gelu(self.dwconv(self.fc1(x), H, W)))
+
+
+class _SMPBlock(nn.Module):
+    def __init__(self, dim, heads, sr):
+        super().__init__()
+        self.norm1, self.attn = _SMPLayerNorm(dim, eps=1e-6), _SMPAttention(dim, heads, sr)
+        self.norm2, self.mlp = _SMPLayerNorm(dim, eps=1e-6), _SMPMlp(dim, 4 * dim)
+
+    def forward(self, x):  # (B, C, H, W) in and out, as smp's Block
+        B, C, H, W = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        t = t + self.attn(self.norm1(t), H, W)
+        t = t + self.mlp(self.norm2(t), H, W)
+        return t.transpose(1, 2).reshape(B, C, H, W)
+
+
+class _SMPPatchEmbed(nn.Module):
+    def __init__(self, cin, dim, k, s):
+        super().__init__()
+        self.proj, self.norm = nn.Conv2d(cin, dim, k, s, k // 2), _SMPLayerNorm(dim)  # eps 1e-5
+
+    def forward(self, x):
+        return self.norm(self.proj(x))
+
+
+class SMPMiTEncoder(nn.Module):
+    """smp's ``MixVisionTransformerEncoder``: [input, an empty 1/2 map, stage 1…4] as its features."""
+
+    def __init__(self, dims, depths, heads=(1, 2, 5, 8), srs=(8, 4, 2, 1)):
+        super().__init__()
+        cin = 3
+        for i in range(4):
+            k, s = (7, 4) if i == 0 else (3, 2)
+            setattr(self, f"patch_embed{i + 1}", _SMPPatchEmbed(cin, dims[i], k, s))
+            setattr(self, f"block{i + 1}", nn.Sequential(*[_SMPBlock(dims[i], heads[i], srs[i]) for _ in range(depths[i])]))
+            setattr(self, f"norm{i + 1}", _SMPLayerNorm(dims[i], eps=1e-6))
+            cin = dims[i]
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        feats = [x, x.new_empty(B, 0, H // 2, W // 2)]
+        for i in range(1, 5):
+            x = getattr(self, f"norm{i}")(getattr(self, f"block{i}")(getattr(self, f"patch_embed{i}")(x)))
+            feats.append(x)
+        return feats
+
+
+class _SMPMLP(nn.Module):
+    def __init__(self, cin, dim):
+        super().__init__()
+        self.linear = nn.Linear(cin, dim)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        return self.linear(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(B, -1, H, W)
+
+
+class SMPSegformerDecoder(nn.Module):
+    def __init__(self, dims, dim):
+        super().__init__()
+        self.mlp_stage = nn.ModuleList(_SMPMLP(c, dim) for c in reversed(dims))
+        self.fuse_stage = nn.Sequential(nn.Conv2d(4 * dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.ReLU())
+
+    def forward(self, feats):
+        size = [s // 4 for s in feats[0].shape[2:]]
+        stages = feats[2:][::-1]
+        outs = [F.interpolate(mlp(f), size=size, mode="bilinear", align_corners=False)
+                for f, mlp in zip(stages, self.mlp_stage)]
+        return self.fuse_stage(torch.cat(outs, dim=1))
+
+
+class SMPSegformer(nn.Module):
+    """``smp.Segformer(encoder_name="mit_b*", classes=K)``: keys encoder.*, decoder.*, segmentation_head.0."""
+
+    def __init__(self, dims, depths, decoder_dim, classes, upsampling=4):
+        super().__init__()
+        self.encoder = SMPMiTEncoder(dims, depths)
+        self.decoder = SMPSegformerDecoder(dims, decoder_dim)
+        self.segmentation_head = nn.Sequential(
+            nn.Conv2d(decoder_dim, classes, 1),
+            nn.Upsample(scale_factor=upsampling, mode="bilinear", align_corners=True), nn.Identity())
+
+    def forward(self, x):
+        if x.shape[2] % 32 or x.shape[3] % 32:
+            raise RuntimeError(f"smp needs H, W divisible by 32, got {tuple(x.shape[2:])}")
+        return self.segmentation_head(self.decoder(self.encoder(x)))

@@ -92,9 +92,9 @@ class MMLayer(nn.Module):
 
 
 class MMPatchEmbed(nn.Module):
-    def __init__(self, dim):
+    def __init__(self, dim, bias=True):
         super().__init__()
-        self.projection = nn.Conv2d(3, dim, 16, 16)
+        self.projection = nn.Conv2d(3, dim, 16, 16, bias=bias)  # mmseg 1.x default: patch_bias=False
 
     def forward(self, x):
         H, W = x.shape[2:]
@@ -104,10 +104,10 @@ class MMPatchEmbed(nn.Module):
 
 
 class MMViT(nn.Module):
-    def __init__(self, img, out_indices, with_cls_token):
+    def __init__(self, img, out_indices, with_cls_token, patch_bias=True):
         super().__init__()
         self.img_size, self.out_indices, self.with_cls_token = img, out_indices, with_cls_token
-        self.patch_embed = MMPatchEmbed(DIM)
+        self.patch_embed = MMPatchEmbed(DIM, patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, DIM))
         self.pos_embed = nn.Parameter(torch.zeros(1, (img // 16) ** 2 + 1, DIM))
         self.layers = nn.ModuleList(MMLayer(DIM, HEADS) for _ in range(DEPTH))
@@ -205,10 +205,10 @@ class MMFCNHead(nn.Module):  # num_convs=0, concat_input=False
 class MMSETR(nn.Module):
     """mmseg EncoderDecoder with the SETR configs' backbone / neck / heads (small sizes)."""
 
-    def __init__(self, decoder, classes=5, img=64):
+    def __init__(self, decoder, classes=5, img=64, patch_bias=True):
         super().__init__()
         mla = decoder == "mla"
-        self.backbone = MMViT(img, (0, 1, 2, 3), with_cls_token=not mla)
+        self.backbone = MMViT(img, (0, 1, 2, 3), with_cls_token=not mla, patch_bias=patch_bias)
         if mla:
             self.neck = MMMLANeck(32)
             self.decode_head = MMSETRMLAHead(32, 16, classes)
@@ -525,6 +525,74 @@ def test_save_pretrained_round_trip_is_bit_exact(tmp_path, decoder):
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
     assert SETR.from_pretrained(tmp_path / "saved" / "model.safetensors").config == model.config
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_mmseg_1x_checkpoint_without_patch_bias(tmp_path, decoder):
+    """mmseg 1.x's VisionTransformer defaults to patch_bias=False: load it, compute as mmseg, save it back."""
+    ref = randomize_(MMSETR(decoder, patch_bias=False), seed=6).eval()
+    assert "backbone.patch_embed.projection.bias" not in ref.state_dict()
+    torch.save({"meta": {"mmseg_version": "1.2.2"}, "state_dict": ref.state_dict()}, tmp_path / "setr.pth")
+    model = SETR.from_pretrained(tmp_path / "setr.pth", out_indices=(0, 1, 2, 3)).eval()
+    assert model.config.patch_bias is False and model.encoder.patch_embed.proj.bias is None
+    assert any("patch_bias=False" in n for n in model.load_report.notes)
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        want = ref(x)[0]
+        for fused in (False, True):
+            assert rel_err(model.set_fused(fused)(x), want) < 1e-4
+    model.set_fused(False)
+    # back to mmseg: mmseg's module tree loads it strictly, every tensor bit for bit
+    saved = model.save_pretrained(tmp_path / "back.pth", "mmseg")
+    assert any("patch_bias=False" in n for n in saved.notes)
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert set(back) == {"meta", "state_dict"}
+    again = MMSETR(decoder, patch_bias=False)
+    again.load_state_dict(back["state_dict"], strict=True)
+    a, b = again.state_dict(), ref.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    # and through fastseg's own format: still without a bias
+    model.save_pretrained(tmp_path / "fs")
+    assert SETR.from_pretrained(tmp_path / "fs").encoder.patch_embed.proj.bias is None
+
+
+@pytest.mark.parametrize("patch_bias", [True, False])
+def test_setr_round_trips_mmseg_fastseg_timm(tmp_path, patch_bias):
+    model = randomize_(SETR(config=small("pup", patch_bias=patch_bias)), seed=7).eval()
+    x = torch.randn(1, 3, 48, 32)
+    with torch.no_grad():
+        want = model(x)
+    for fmt, name in (("mmseg", "m.pth"), ("fastseg", "fs"), ("fastseg", "fs.safetensors")):
+        model.save_pretrained(tmp_path / name, fmt)
+        again = SETR.from_pretrained(tmp_path / name, out_indices=(0, 1, 2, 3)).eval()
+        c = model.config
+        # mmseg files hold no dropout rate, nor MLA widths for a PUP model: the rest of the config comes back
+        assert again.config.replace(drop_rate=c.drop_rate, neck_channels=c.neck_channels, mla_channels=c.mla_channels) == c
+        a, b = again.state_dict(), model.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        with torch.no_grad():
+            assert torch.equal(again(x), want)
+    # timm holds the encoder only: written with a warning, loadable strictly into timm's ViT built
+    # with num_classes=0, final_norm=False (no norm, no head); a missing patch bias becomes zeros
+    with pytest.warns(UserWarning, match="encoder only"):
+        model.save_pretrained(tmp_path / "vit.pth", "timm")
+    vit = TimmViT(img=64)
+    del vit.norm, vit.head
+    vit.load_state_dict(torch.load(tmp_path / "vit.pth", weights_only=True), strict=True)
+    with pytest.warns(UserWarning, match="encoder-only"):
+        enc = SETR.from_pretrained(tmp_path / "vit.pth", num_classes=5, decoder="pup", out_indices=(0, 1, 2, 3)).eval()
+    with torch.no_grad():
+        for g, w in zip(enc.forward_features(x), model.forward_features(x)):
+            assert torch.equal(g, w)
+
+
+def test_setr_conversions_that_cannot_be_faithful_are_refused(tmp_path):
+    model = SETR(config=small("naive"))
+    with pytest.raises(ValueError, match="choose one of"):
+        model.save_pretrained(tmp_path / "x", "hf")
+    model.save_pretrained(tmp_path / "m.pth", "mmseg")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        model.save_pretrained(tmp_path / "m.pth", "mmseg", overwrite=False)
 
 
 # --- bad input ------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastseg import ops
-from fastseg.models.config import SegFormerConfig
+from fastseg import checkpoints, ops
+from fastseg.models.config import VARIANTS, SegFormerConfig
 
 # The stage-1 spatial-reduction conv has an 8×8 kernel over the 1/4-resolution map.
 MIN_IMAGE_SIZE = 32
@@ -465,23 +465,30 @@ class SegFormer(FusedSwitch, nn.Module):
         return report
 
     # -- checkpoints -------------------------------------------------------------------------
+    # What fastseg.checkpoints needs to know about this architecture: it never imports the models,
+    # the models call it (one-way dependency).
+    checkpoint_family = "segformer"
+    config_class = SegFormerConfig
+    variants = VARIANTS
+
     @classmethod
     def from_pretrained(cls, source, num_classes: int | None = None, *, fused: bool = False,
                         decoder: str | None = None, strict: bool = True) -> "SegFormer":
-        """Load a SegFormer from any supported checkpoint; see :mod:`fastseg.checkpoints`."""
-        from fastseg.checkpoints import load_segformer
-
-        return load_segformer(cls, source, num_classes=num_classes, fused=fused, decoder=decoder, strict=strict)
+        """Load a SegFormer from any supported checkpoint: a file, a directory (fastseg, HuggingFace,
+        smp), a HuggingFace repo id in the local cache, or a state dict; see :mod:`fastseg.checkpoints`."""
+        return checkpoints.load_pretrained(cls, source, num_classes=num_classes, fused=fused, decoder=decoder,
+                                           strict=strict)
 
     @classmethod
     def from_hf(cls, hf_model, num_classes: int | None = None, *, fused: bool = False) -> "SegFormer":
         """Convert a live HuggingFace ``Segformer*`` model (weights and config)."""
-        from fastseg.checkpoints import load_segformer_from_hf
+        return checkpoints.load_from_hf(cls, hf_model, num_classes=num_classes, fused=fused)
 
-        return load_segformer_from_hf(cls, hf_model, num_classes=num_classes, fused=fused)
-
-    def save_pretrained(self, directory) -> None:
-        """Write ``model.safetensors`` and ``fastseg_config.json`` (atomically) to ``directory``."""
-        from fastseg.checkpoints import save_segformer
-
-        save_segformer(self, directory)
+    def save_pretrained(self, path, format: str = "fastseg", *, overwrite: bool = True,
+                        allow_eps_change: bool = False):
+        """Write the weights atomically in ``format``'s own layout: "fastseg" (a directory with
+        ``model.safetensors`` + ``fastseg_config.json``, or one ``.safetensors``), "hf" (a directory
+        transformers loads), "nvlabs" / "mmseg" (``.pth``), "smp" (a state dict file, or smp's
+        directory). Refuses, with the reason, what the format cannot represent faithfully."""
+        return checkpoints.save_pretrained(self, path, format, overwrite=overwrite,
+                                           allow_eps_change=allow_eps_change)

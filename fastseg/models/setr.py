@@ -136,6 +136,7 @@ class SETRConfig:
     aux_up_scale: int | None = None
     aux_kernel_size: int | None = None
     aux_loss_weight: float = 0.4
+    patch_bias: bool = True  # mmseg 1.x's VisionTransformer defaults to patch_bias=False
 
     def __post_init__(self):
         if self.decoder not in DECODERS:
@@ -265,10 +266,10 @@ class PatchEmbed(nn.Module):
     """16×16 stride-16 conv → tokens (B, N, C), after zero padding H, W up to multiples of 16
     at the bottom/right (mmseg ``AdaptivePadding(padding='corner')``)."""
 
-    def __init__(self, in_channels: int, dim: int, patch: int):
+    def __init__(self, in_channels: int, dim: int, patch: int, bias: bool = True):
         super().__init__()
         self.patch = patch
-        self.proj = nn.Conv2d(in_channels, dim, patch, patch)
+        self.proj = nn.Conv2d(in_channels, dim, patch, patch, bias=bias)
         self.fused = False
 
     def forward(self, x: torch.Tensor):
@@ -341,7 +342,7 @@ class ViTEncoder(nn.Module):
         self.grid = cfg.grid
         self.with_cls_token = cfg.with_cls_token
         self.out_indices = tuple(cfg.out_indices)
-        self.patch_embed = PatchEmbed(cfg.in_channels, C, cfg.patch_size)
+        self.patch_embed = PatchEmbed(cfg.in_channels, C, cfg.patch_size, cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], C))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
@@ -543,7 +544,8 @@ def init_weights(model: "SETR") -> None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
@@ -686,20 +688,28 @@ class SETR(FusedSwitch, nn.Module):
         }
 
     # -- checkpoints -------------------------------------------------------------------------
+    # What fastseg.checkpoints needs to know about this architecture (it never imports the models).
+    checkpoint_family = "setr"
+    config_class = SETRConfig
+    encoders = ENCODERS
+    decoders = DECODERS
+    resize_pos_embed = staticmethod(resize_pos_embed)
+
     @classmethod
     def from_pretrained(cls, source, num_classes: int | None = None, *, decoder: str | None = None,
                         img_size=None, num_heads: int | None = None, out_indices=None, fused: bool = False,
                         strict: bool = True) -> "SETR":
-        """Load mmseg SETR checkpoints, timm / mmseg ImageNet ViT encoders or fastseg saves;
-        see :mod:`fastseg.setr_checkpoints`."""
-        from fastseg.setr_checkpoints import load_setr
+        """Load mmseg SETR checkpoints (with or without the patch-embedding bias), timm / mmseg ImageNet
+        ViT encoders or fastseg saves; see :mod:`fastseg.checkpoints`."""
+        from fastseg import checkpoints
 
-        return load_setr(cls, source, num_classes=num_classes, decoder=decoder, img_size=img_size,
-                         num_heads=num_heads, out_indices=out_indices, fused=fused, strict=strict)
+        return checkpoints.load_pretrained(cls, source, num_classes=num_classes, decoder=decoder, img_size=img_size,
+                                           num_heads=num_heads, out_indices=out_indices, fused=fused, strict=strict)
 
-    def save_pretrained(self, directory) -> None:
-        """Write ``model.safetensors`` and ``fastseg_config.json`` (atomically) to ``directory``."""
-        from fastseg.setr_checkpoints import save_setr
+    def save_pretrained(self, path, format: str = "fastseg", *, overwrite: bool = True):
+        """Write the weights atomically as "fastseg" (directory or ``.safetensors``), "mmseg" (``.pth``) or
+        "timm" (the ViT encoder only, ``.pth`` / ``.safetensors``)."""
+        from fastseg import checkpoints
 
-        save_setr(self, directory)
+        return checkpoints.save_pretrained(self, path, format, overwrite=overwrite)
 
