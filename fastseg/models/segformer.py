@@ -80,6 +80,10 @@ class SRAttention(nn.Module):
             self.norm = nn.LayerNorm(dim, eps=sr_eps)
         self.fused = False
 
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sr×sr conv, (B, C, H, W) → (B, C, H/sr, W/sr), guarded against oneDNN's bf16 bug."""
+        return ops.conv2d(x, self.sr.weight, self.sr.bias, self.sr_ratio)
+
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """x: (B, N, C) tokens of an H×W map → (B, N, C)."""
         B, N, C = x.shape
@@ -87,13 +91,13 @@ class SRAttention(nn.Module):
         if not self.fused:
             if self.sr_ratio > 1:
                 x_ = x.permute(0, 2, 1).reshape(B, C, H, W)
-                x_ = self.sr(x_).reshape(B, C, -1).permute(0, 2, 1)
+                x_ = self._reduce(x_).reshape(B, C, -1).permute(0, 2, 1)
                 x = self.norm(x_)
             return self.proj(ops.sr_attention_reference(q, self.kv(x), self.num_heads, self.scale))
         if self.sr_ratio > 1:
             # Tokens are a channels-last image: view them as NCHW without a copy; the conv keeps
             # channels-last, so its output flattens back to tokens as a view too.
-            x_ = self.sr(x.reshape(B, H, W, C).permute(0, 3, 1, 2))
+            x_ = self._reduce(x.reshape(B, H, W, C).permute(0, 3, 1, 2))
             x = self.norm(x_.flatten(2).transpose(1, 2))
         return self.proj(ops.sr_attention(q, self.kv(x), self.num_heads, self.scale))
 
@@ -265,11 +269,16 @@ def folded_weights(head: nn.Module, fold):
     """``fold()``, cached for inference: the fold is a few E×E×Cᵢ GEMMs that cost more than the
     whole head at small inputs. The cache is keyed on every parameter's and buffer's version
     counter (bumped by optimiser steps, ``load_state_dict`` and any in-place change), so it can
-    never serve stale weights; with autograd on, or while compiling, it folds afresh."""
+    never serve stale weights; with autograd on, or while compiling, it folds afresh, and so it
+    does for inference tensors (weights made under ``torch.inference_mode``), which have no
+    version counter. Autocast changes the fold's dtype, so its state is part of the key."""
     if head.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return fold()
     state = list(head.parameters()) + list(head.buffers())
-    key = tuple((id(t), t._version, t.device, t.dtype) for t in state)
+    if any(t.is_inference() for t in state):
+        return fold()
+    autocast = tuple((d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d))
+    key = (autocast,) + tuple((id(t), t._version, t.device, t.dtype) for t in state)
     cached = getattr(head, "_fold_cache", None)
     if cached is None or cached[0] != key:
         with torch.inference_mode():

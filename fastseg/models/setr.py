@@ -280,7 +280,7 @@ class PatchEmbed(nn.Module):
             x = F.pad(x, (0, pw, 0, ph))
         h, w = (H + ph) // p, (W + pw) // p
         if not self.fused:
-            return self.proj(x).flatten(2).transpose(1, 2), (h, w)
+            return ops.conv2d(x, self.proj.weight, self.proj.bias, p).flatten(2).transpose(1, 2), (h, w)
         # A stride-p p×p conv is a GEMM over non-overlapping patches: one reorder of the (small,
         # 3-channel) image, then the tokens come out of the GEMM already in token layout.
         patches = x.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)

@@ -1,4 +1,5 @@
 """Fused ops: each has a reference beside it; :mod:`fastseg.ops.dispatch` picks the backend."""
+from fastseg.ops.conv import conv2d
 from fastseg.ops.decoder_upsample_fuse import fold_mlp_head, fold_mmseg_head, upsample_sum, upsample_sum_reference
 from fastseg.ops.dispatch import BackendUnavailable, choose, use_backend
 from fastseg.ops.dwconv3x3_gelu import dwconv3x3_gelu, dwconv3x3_gelu_reference
@@ -9,6 +10,7 @@ from fastseg.ops.upsample_argmax import upsample_argmax, upsample_argmax_referen
 __all__ = [
     "BackendUnavailable",
     "choose",
+    "conv2d",
     "fold_mlp_head",
     "fold_mmseg_head",
     "upsample_sum",

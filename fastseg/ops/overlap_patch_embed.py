@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from fastseg.ops import dispatch
+from fastseg.ops.conv import conv2d
 
 OP = "overlap_patch_embed"
 CPP_DTYPES = (torch.float32, torch.float64)
@@ -70,7 +71,7 @@ def overlap_patch_embed_reference(x, weight, bias, stride: int, ln_weight, ln_bi
     """
     if hw is not None:
         x = _as_image(x, hw)
-    x = F.conv2d(x, weight, bias, stride=stride, padding=weight.shape[-1] // 2)
+    x = conv2d(x, weight, bias, stride=stride, padding=weight.shape[-1] // 2)
     _, _, H, W = x.shape
     x = x.flatten(2).transpose(1, 2)
     return F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps), H, W
@@ -274,7 +275,7 @@ def overlap_patch_embed_torch(x, weight, bias, stride: int, ln_weight, ln_bias, 
         # An NCHW image (3 channels at stage 1): one small copy, so the conv writes channels-last
         # output and the transposed copy of its C-times-larger output disappears.
         x4 = x4.contiguous(memory_format=torch.channels_last)
-    y = F.conv2d(x4, weight, bias, stride=stride, padding=weight.shape[-1] // 2)
+    y = conv2d(x4, weight, bias, stride=stride, padding=weight.shape[-1] // 2)
     B, C, Ho, Wo = y.shape
     tokens = y.permute(0, 2, 3, 1).reshape(B, Ho * Wo, C)  # a view of channels-last output
     return F.layer_norm(tokens, (C,), ln_weight, ln_bias, eps), Ho, Wo
