@@ -259,3 +259,148 @@ def test_palettes():
     assert overlay(img, colours, 0.0).tolist() == img.tolist() and overlay(img, colours, 1.0).tolist() == colours.tolist()
     with pytest.raises(ValueError, match="alpha"):
         overlay(img, colours, 1.5)
+
+
+# --- labels without full-resolution logits (segment_labels, the fused upsample + argmax) -------------
+
+class ColourOracle(nn.Module):
+    """Logits at 1/4 resolution from the distance of each 4×4 block's mean colour to each class's
+    colour of the synthetic set (background: a fixed score): a confident model, no training."""
+
+    def __init__(self, colours):
+        super().__init__()
+        from fastseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+        c = (torch.tensor(colours, dtype=torch.float32) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+        self.register_buffer("c", c)
+        self.num_classes = len(colours)
+
+    def forward(self, x):
+        p = F.avg_pool2d(x, 4, ceil_mode=True)
+        d = ((p[:, None] - self.c[None, :, :, None, None]) ** 2).sum(2)
+        d[:, 0] = 0.3
+        return -4 * d
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_segment_labels_whole_is_the_two_step_path(fused):
+    from fastseg.inference import segment_labels
+
+    for K in (19, 150):
+        model = tiny_segformer(K).eval()
+        model.set_fused(fused)
+        for size in ((64, 96), (61, 47)):
+            x = torch.randn(2, 3, *size)
+            with torch.no_grad():
+                old = segment(model, x).argmax(1)
+                new, scores = segment_labels(model, x, return_scores=True)
+                assert torch.equal(new, old), (K, size, (new != old).float().mean().item())
+                assert torch.equal(segment_labels(model, x, two_step=True), old)
+            assert scores.shape == new.shape
+
+
+def test_segment_labels_every_mode_is_the_two_step_path_for_a_random_segformer():
+    from fastseg.inference import segment_labels
+
+    model = tiny_segformer(19).eval()
+    x = torch.randn(1, 3, 72, 100)
+    for kw in ({"mode": "slide", "crop": (48, 64), "stride": (32, 40)}, {"scales": (0.75, 1.25), "flip": True},
+               {"out_size": (97, 131)}):
+        with torch.no_grad():
+            old = segment(model, x, **kw).argmax(1)
+            new, scores = segment_labels(model, x, return_scores=True, **kw)
+        assert torch.equal(new, old), (kw, (new != old).float().mean().item())
+        assert (scores > 0).all() and (scores <= 1).all()
+
+
+def test_segment_labels_slide_and_multi_scale_agreement_and_miou():
+    """Against the two-step path on the synthetic set with a confident model (fixed seed): the same
+    labels and mIoU in every mode (slide with aligned and misaligned windows, multi-scale + flip,
+    an output size other than the input's)."""
+    from fastseg.data import EvalSet, TestTransform, build_dataset
+    from fastseg.inference import segment_labels
+
+    ds = build_dataset("synthetic", "val", None, num_classes=5, synthetic_size=96, synthetic_images=4)
+    model = ColourOracle(ds.colours).eval()
+    samples = EvalSet(ds, TestTransform(None))
+    cases = [{}, {"mode": "slide", "crop": (64, 64), "stride": (32, 32)},
+             {"mode": "slide", "crop": (48, 48), "stride": (36, 36)}, {"scales": (0.5, 1.0, 1.5), "flip": True},
+             {"mode": "slide", "crop": (64, 64), "stride": (40, 40), "scales": (0.75, 1.25), "flip": True},
+             {"out_size": (150, 170)}]
+    for kw in cases:
+        old_metric, new_metric, same, n = SegMetric(5), SegMetric(5), 0, 0
+        for i in range(len(samples)):
+            x, y, _ = samples[i]
+            with torch.no_grad():
+                old = segment(model, x[None], **kw).argmax(1)[0]
+                new = segment_labels(model, x[None], **kw)[0]
+            if "out_size" not in kw:
+                old_metric.update(old, y)
+                new_metric.update(new, y)
+            same += int((old == new).sum())
+            n += old.numel()
+        assert same == n, (kw, same / n)
+        if "out_size" not in kw:
+            assert old_metric.compute()["mIoU"] == new_metric.compute()["mIoU"], kw
+
+
+def _predict_args(tmp_path, *extra):
+    p = argparse.ArgumentParser()
+    evaluate.add_predict_arguments(p)
+    return p.parse_args([str(tmp_path / "in"), "--checkpoint", str(tmp_path / "model"), "--quiet", *extra])
+
+
+def test_predict_skips_an_unreadable_image_writes_the_rest_and_fails_at_the_end(tmp_path, capsys):
+    tiny_segformer(4).save_pretrained(tmp_path / "model")
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "c", "d"):
+        Image.fromarray(rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(tmp_path / "in" / f"{name}.png")
+    (tmp_path / "in" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (tmp_path / "in" / "e.jpg").write_bytes(b"")
+    args = _predict_args(tmp_path, "--out", str(tmp_path / "out"), "--workers", "2", "--batch", "2")
+    assert evaluate.predict_main(args) == 1
+    err = capsys.readouterr().err
+    assert "b.png" in err and "e.jpg" in err and "2 of 5 image(s) failed" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png", "d.png"]
+
+
+def test_predict_more_than_256_classes_writes_16_bit_labels_that_read_back_exactly(tmp_path, capsys):
+    from fastseg.data import read_image, read_label
+    from fastseg.data.transforms import TestTransform
+    from fastseg.inference import segment_labels
+
+    model = tiny_segformer(300)
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(tmp_path / "in" / "a.png")
+    args = _predict_args(tmp_path, "--out", str(tmp_path / "out"), "--save-labels", "--workers", "0")
+    assert evaluate.predict_main(args) == 0
+    assert "16-bit" in capsys.readouterr().err
+    with Image.open(tmp_path / "out" / "a_labels.png") as im:
+        assert im.mode.startswith("I")
+    x, _ = TestTransform(None)(read_image(tmp_path / "in" / "a.png"))
+    with torch.no_grad():
+        want = segment_labels(model.eval(), x[None])[0].numpy()
+    got = read_label(tmp_path / "out" / "a_labels.png")
+    np.testing.assert_array_equal(got, want)
+    assert want.max() > 255  # the test means something: ids an 8-bit PNG would wrap
+    evaluate.save_label_png(np.array([[0, 255]]), tmp_path / "small.png", 19)  # <= 256 classes: 8-bit
+    with Image.open(tmp_path / "small.png") as im:
+        assert im.mode == "L"
+
+
+def test_predict_batched_masks_equal_single_image_masks(tmp_path):
+    tiny_segformer(19).save_pretrained(tmp_path / "model")
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(2)
+    for i, size in enumerate(((40, 56), (33, 47), (40, 56), (33, 47), (40, 56))):
+        Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(tmp_path / "in" / f"{i}.png")
+    assert evaluate.predict_main(_predict_args(tmp_path, "--out", str(tmp_path / "one"), "--workers", "0")) == 0
+    assert evaluate.predict_main(_predict_args(tmp_path, "--out", str(tmp_path / "many"), "--batch", "3",
+                                               "--workers", "1", "--save-labels")) == 0
+    for i in range(5):
+        one = np.asarray(Image.open(tmp_path / "one" / f"{i}.png"))
+        many = np.asarray(Image.open(tmp_path / "many" / f"{i}.png"))
+        np.testing.assert_array_equal(one, many)
+        assert np.asarray(Image.open(tmp_path / "many" / f"{i}_labels.png")).shape == one.shape[:2]
