@@ -290,6 +290,7 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", nargs="+", choices=KERNEL_MODULES, default=list(KERNEL_MODULES),
                    help="kernel modules to check (default: all)")
     p.add_argument("--match", help="only variants whose 'kernel config dtype' text contains this")
+    p.add_argument("--summary-only", action="store_true", help="print the per-kernel summary, not every variant")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "0":
         # fastseg.kernels switches the interpreter on where torch sees no GPU, and the mode is
@@ -313,8 +314,9 @@ def main(argv=None) -> int:
         return 2
     head = (f"{len(rows)} compiles ({len(rows) // len(args.arch)} variants x {len(args.arch)} archs: "
             f"{', '.join(f'sm_{a}' for a in args.arch)}) in {elapsed:.0f} s with {args.jobs} jobs; {versions()}")
-    print(table(rows))
-    print()
+    if not args.summary_only:
+        print(table(rows))
+        print()
     print(summary(rows))
     print()
     print(head)

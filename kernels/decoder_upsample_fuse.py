@@ -346,7 +346,10 @@ def _cls_config(E: int, K: int, dtype: torch.dtype) -> dict:
     E chunk there to stay clear of spills."""
     if interpreter_enabled():
         return dict(_INTERP_CLS)
-    block_k = max(16, min(triton.next_power_of_2(K), 256))
+    return _cls_tile(max(16, min(triton.next_power_of_2(K), 256)), dtype)
+
+
+def _cls_tile(block_k: int, dtype: torch.dtype) -> dict:
     wide = block_k >= 128
     if dtype == torch.float32:
         block_p, block_e = (64, 16) if wide else (32, 32)
@@ -365,6 +368,82 @@ def _bwd_config(E: int, dtype: torch.dtype) -> dict:
         return dict(_INTERP_BWD)
     block_p, block_e = _gather_tile(E, dtype, 64)
     return dict(BLOCK_P=block_p, BLOCK_E=block_e, num_warps=4, num_stages=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Every GPU config the launchers can pick, for ahead-of-time compilation
+# (python -m fastseg.kernels.aot_check): the same rules as above, enumerated over E and K.
+# --------------------------------------------------------------------------------------------
+_BLOCK_ES = (16, 32, 64, 128)  # every channel tile _gather_tile returns
+_BLOCK_KS = (16, 32, 64, 128, 256)  # every class tile _cls_config returns
+
+
+def fwd_config_space(dtype: torch.dtype) -> list[dict]:
+    return [dict(zip(("BLOCK_P", "BLOCK_E"), _gather_tile(e, dtype, 128)), num_warps=4, num_stages=1)
+            for e in _BLOCK_ES]
+
+
+def cls_config_space(dtype: torch.dtype) -> list[dict]:
+    return [_cls_tile(k, dtype) for k in _BLOCK_KS]
+
+
+def bwd_config_space(dtype: torch.dtype) -> list[dict]:
+    return [dict(zip(("BLOCK_P", "BLOCK_E"), _gather_tile(e, dtype, 64)), num_warps=4, num_stages=1)
+            for e in _BLOCK_ES]
+
+
+def _aot_map_args(ptr: str, num_maps: int, H: int, W: int, E: int) -> dict:
+    """Kernel arguments of the 4 map slots for a SegFormer-like launch: map 0 at the output size,
+    maps 1-3 at 1/2, 1/4, 1/8 of it; unused slots repeat map 0 (as _map_args does)."""
+    sizes = [(H, W), (H // 2, W // 2), (H // 4, W // 4), (H // 8, W // 8)][:num_maps]
+    sizes += [sizes[0]] * (MAX_MAPS - num_maps)
+    args = {}
+    for i, (hi, wi) in enumerate(sizes):
+        args.update({f"M{i}": ptr, f"H{i}": hi, f"W{i}": wi, f"sh{i}": _f32(hi / H), f"sw{i}": _f32(wi / W),
+                     f"s{i}b": hi * wi * E, f"s{i}y": wi * E, f"s{i}x": E})
+    return args
+
+
+def aot_variants():
+    """Yields (kernel, args) for every compiled variant the launchers can pick (see
+    fastseg.kernels.aot_check): every tile config in every dtype with the model's flags (4 maps,
+    map 0 at full size, bias, ReLU in the classifier form), and the epilogue variants (1-4 maps,
+    with / without bias, ReLU, classifier bias, a first map that is resized too) at E = 256 / K = 150."""
+    H, W, E, K = 128, 128, 256, 150
+    for dtype, name in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        ptr = "*" + name
+        precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+        out = dict(stride_bias=1, stride_ob=H * W * E, stride_oy=W * E, stride_ox=E)
+        model = (4, True, True, False)  # maps, SAME0, HAS_BIAS, RELU (training form)
+        epilogues = [(n, same0, bias, relu) for n in (1, 2, 3, 4) for same0 in (True, False)
+                     for bias in (True, False) for relu in (False, True)
+                     if (n, same0, bias, relu) != model and (n == 4 or (same0 and bias and not relu))]
+        for cfg in fwd_config_space(dtype):
+            for n, same0, bias, relu in [model] + (epilogues if cfg["BLOCK_E"] == 128 else []):
+                yield _upsample_sum_fwd_kernel, dict(
+                    **_aot_map_args(ptr, n, H, W, E), BIAS="*fp32" if bias else ptr, OUT=ptr, H=H, W=W, E=E, **out,
+                    NUM_MAPS=n, SAME0=same0, SAME1=False, SAME2=False, SAME3=False, HAS_BIAS=bias, RELU=relu,
+                    **cfg)
+        cls_out = dict(stride_bias=1, stride_cwk=E, stride_cwe=1, stride_cb=1, stride_ob=H * W * K,
+                       stride_oy=W * K, stride_ox=K)
+        for precision in precisions:
+            for cfg in cls_config_space(dtype):
+                variants = [(True, True, True)]  # HAS_BIAS, RELU, HAS_CLS_BIAS: eval with folded BN
+                if cfg["BLOCK_K"] == 256:
+                    variants += [(b, r, cb) for b in (True, False) for r in (True, False) for cb in (True, False)
+                                 if (b, r, cb) != (True, True, True)]
+                for bias, relu, cls_bias in variants:
+                    yield _upsample_sum_cls_fwd_kernel, dict(
+                        **_aot_map_args(ptr, 4, H, W, E), BIAS="*fp32" if bias else ptr, CW=ptr, CB=ptr, OUT=ptr,
+                        H=H, W=W, E=E, K=K, **cls_out, NUM_MAPS=4, SAME0=True, SAME1=False, SAME2=False,
+                        SAME3=False, HAS_BIAS=bias, RELU=relu, HAS_CLS_BIAS=cls_bias, DOT_PRECISION=precision,
+                        **cfg)
+        for cfg in bwd_config_space(dtype):
+            hi, wi = H // 4, W // 4
+            yield _resize_adjoint_kernel, dict(
+                DOUT=ptr, DM=ptr, H=H, W=W, E=E, Hi=hi, Wi=wi, scale_h=_f32(hi / H), scale_w=_f32(wi / W),
+                WIN_H=10, WIN_W=10, stride_db=H * W * E, stride_dy=W * E, stride_dx=E,
+                stride_gb=hi * wi * E, stride_gy=wi * E, stride_gx=E, **cfg)
 
 
 # --------------------------------------------------------------------------------------------

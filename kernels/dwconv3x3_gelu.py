@@ -339,6 +339,12 @@ def _block_w(W: int) -> int:
     return max(2, min(8, triton.next_power_of_2(W)))
 
 
+_BLOCK_CS = (16, 32, 64)  # every value _block_c returns
+_BLOCK_WS = (2, 4, 8)  # every value _block_w returns
+_FWD_TILE_ELEMS = 2048  # BLOCK_H * BLOCK_W * BLOCK_C of the forward, at most
+_BWD_MAX_BLOCK_C = 32
+
+
 def _fwd_config(B: int, H: int, W: int, C: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Forward launch config {BLOCK_H, BLOCK_W, BLOCK_C, num_warps, num_stages}.
 
@@ -351,7 +357,7 @@ def _fwd_config(B: int, H: int, W: int, C: int, dtype: torch.dtype, device: torc
         return dict(_INTERP_FWD)
     block_c = _block_c(C)
     block_w = _block_w(W)
-    block_h = max(1, min(triton.next_power_of_2(H), 2048 // (block_c * block_w)))
+    block_h = max(1, min(triton.next_power_of_2(H), _FWD_TILE_ELEMS // (block_c * block_w)))
     sms = sm_count(device)
     c_tiles = triton.cdiv(C, block_c)
     while block_h > 1 and B * c_tiles * triton.cdiv(H, block_h) * triton.cdiv(W, block_w) < 2 * sms:
@@ -370,7 +376,7 @@ def _bwd_config(B: int, H: int, W: int, C: int, dtype: torch.dtype, device: torc
     parallelism: start long and halve until the grid covers the SMs about four times."""
     if interpreter_enabled():
         return dict(_INTERP_BWD)
-    block_c = min(32, _block_c(C))
+    block_c = min(_BWD_MAX_BLOCK_C, _block_c(C))
     block_w = _block_w(W)
     rows = 32
     sms = sm_count(device)
@@ -383,8 +389,68 @@ def _bwd_config(B: int, H: int, W: int, C: int, dtype: torch.dtype, device: torc
 def _reduce_config(P: int, C: int) -> dict:
     if interpreter_enabled():
         return dict(_INTERP_REDUCE)
-    # 64 partials x 64 channels per step: a few steps even for thousands of programs.
-    return dict(BLOCK_P=64, BLOCK_C=64, num_warps=4, num_stages=2)
+    return dict(_GPU_REDUCE)
+
+
+# 64 partials x 64 channels per step: a few steps even for thousands of programs.
+_GPU_REDUCE = dict(BLOCK_P=64, BLOCK_C=64, num_warps=4, num_stages=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Every GPU config the launchers can pick, for ahead-of-time compilation
+# (python -m fastseg.kernels.aot_check): the same constants and rules as above, enumerated.
+# --------------------------------------------------------------------------------------------
+def fwd_config_space() -> list[dict]:
+    """BLOCK_C, BLOCK_W from their rules; BLOCK_H any power of two from the largest the tile
+    budget allows down to 1 (the occupancy loop halves it)."""
+    out = []
+    for block_c in _BLOCK_CS:
+        for block_w in _BLOCK_WS:
+            block_h = _FWD_TILE_ELEMS // (block_c * block_w)
+            while block_h >= 1:
+                out.append(dict(BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4, num_stages=1))
+                block_h //= 2
+    return out
+
+
+def bwd_config_space() -> list[dict]:
+    # ROWS is a runtime argument: one compiled variant per (BLOCK_W, BLOCK_C).
+    return [dict(BLOCK_W=bw, BLOCK_C=bc, num_warps=4, num_stages=1)
+            for bc in _BLOCK_CS if bc <= _BWD_MAX_BLOCK_C for bw in _BLOCK_WS]
+
+
+def aot_variants():
+    """Yields (kernel, args) for every compiled variant the launchers can pick (see
+    fastseg.kernels.aot_check). Every tile config in every dtype with the model's flags (bias,
+    exact GELU, weights in x's dtype); the other flag / weight-dtype combinations at the tile
+    SegFormer's widths get (BLOCK_C 64 forward, 32 backward, BLOCK_W 8)."""
+    B, H, W, C = 2, 128, 128, 256
+    N = H * W
+    for name in ("fp32", "fp16", "bf16"):
+        ptr = "*" + name
+        model = [(True, False, ptr)]
+        others = [(bias, tanh, wd) for bias in (True, False) for tanh in (False, True)
+                  for wd in dict.fromkeys((ptr, "*fp32")) if (bias, tanh, wd) != model[0]]
+        for cfg in fwd_config_space():
+            default = cfg["BLOCK_C"] == 64 and cfg["BLOCK_W"] == 8 and cfg["BLOCK_H"] == 4
+            for has_bias, tanh, wd in model + (others if default else []):
+                yield _dwconv3x3_gelu_fwd_kernel, dict(
+                    X=ptr, WGT=wd, BIAS=wd, Y=ptr, H=H, W=W, C=C, stride_xb=N * C, stride_xn=C,
+                    stride_yb=N * C, stride_yn=C, stride_wc=9, stride_wky=3, stride_wkx=1, stride_bc=1,
+                    HAS_BIAS=has_bias, APPROX_TANH=tanh, **cfg)
+        for cfg in bwd_config_space():
+            default = cfg["BLOCK_C"] == 32 and cfg["BLOCK_W"] == 8
+            for has_bias, tanh, wd in model + (others if default else []):
+                taps = 9 + has_bias
+                yield _dwconv3x3_gelu_bwd_kernel, dict(
+                    X=ptr, DY=ptr, WGT=wd, BIAS=wd, DX=ptr, WS="*fp32", H=H, W=W, C=C, ROWS=8,
+                    stride_xb=N * C, stride_xh=W * C, stride_xn=C, stride_dyb=N * C, stride_dyh=W * C,
+                    stride_dyn=C, stride_dxb=N * C, stride_dxh=W * C, stride_dxn=C, stride_wc=9, stride_wky=3,
+                    stride_wkx=1, stride_bc=1, stride_wsp=taps * C, stride_wst=C,
+                    HAS_BIAS=has_bias, APPROX_TANH=tanh, **cfg)
+        for wd in dict.fromkeys((ptr, "*fp32")):
+            yield _wgrad_reduce_kernel, dict(WS="*fp32", DW=wd, DB=wd, P=512, C=C, stride_wsp=10 * C,
+                                             stride_wst=C, stride_dwc=9, stride_dbc=1, **_GPU_REDUCE)
 
 
 # --------------------------------------------------------------------------------------------

@@ -281,6 +281,9 @@ _INTERP_DKDV = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
 _INTERP_ROWS_PER_SPLIT = 64
 
 
+HEAD_DIM_BUCKETS = (16, 32, 64, 128)  # BLOCK_D: the head dim rounded up to a power of two
+
+
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -290,31 +293,55 @@ def _kv_block(nkv: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(nkv)))
 
 
+def _kv_blocks(cap: int) -> list[int]:
+    """Every BLOCK_N that _kv_block can return under this cap."""
+    return [b for b in (16, 32, 64, 128) if b <= max(16, cap)]
+
+
 # GPU tiles, (BLOCK_M, BLOCK_N cap, num_warps) per (low precision?, BLOCK_D). Chosen as the
-# largest FlashAttention-like tiles that Triton 3.9 compiles for sm_90 without register spills
-# (ptxas resource usage, checked offline: no GPU was available to time them). fp32 runs its
-# dots as exact IEEE FMAs, which need many more registers, hence the smaller tiles.
+# largest FlashAttention-like tiles that Triton 3.9 compiles for sm_80 and sm_90 without
+# register spills (ptxas resource usage, checked offline: no GPU was available to time them).
+# fp32 runs its dots as exact IEEE FMAs, which need many more registers, hence the smaller
+# tiles. fastseg.kernels.aot_check compiles every config these tables and rules can produce and
+# fails on a spill; it found spills in some of the smaller configs the occupancy rule reaches
+# (e.g. 8 warps on 32-row tiles of D = 16), hence 4 warps for D = 16 in the backward and the
+# fp32 entries for D = 64 / 128 that start smaller.
 _FWD_TILES = {
     (True, 16): (128, 64, 4), (True, 32): (128, 64, 4), (True, 64): (128, 64, 8), (True, 128): (128, 64, 8),
-    (False, 16): (64, 64, 8), (False, 32): (64, 64, 8), (False, 64): (64, 32, 8), (False, 128): (64, 32, 8),
+    (False, 16): (64, 64, 8), (False, 32): (64, 64, 8), (False, 64): (64, 32, 8), (False, 128): (32, 32, 8),
 }
 _DQ_TILES = {
-    (True, 16): (128, 64, 8), (True, 32): (128, 64, 8), (True, 64): (128, 32, 8), (True, 128): (64, 32, 8),
-    (False, 16): (64, 64, 8), (False, 32): (64, 64, 8), (False, 64): (64, 32, 8), (False, 128): (32, 32, 8),
+    (True, 16): (128, 64, 4), (True, 32): (128, 64, 8), (True, 64): (128, 32, 8), (True, 128): (64, 32, 8),
+    (False, 16): (64, 64, 8), (False, 32): (64, 64, 8), (False, 64): (32, 32, 8), (False, 128): (32, 32, 8),
 }
 # dK/dV: (query rows per step BLOCK_M, KV rows per program BLOCK_N cap, num_warps).
 _DKDV_TILES = {
-    (True, 16): (64, 64, 8), (True, 32): (64, 64, 8), (True, 64): (64, 64, 8), (True, 128): (32, 32, 8),
-    (False, 16): (32, 32, 8), (False, 32): (32, 32, 8), (False, 64): (32, 32, 8), (False, 128): (32, 32, 8),
+    (True, 16): (64, 64, 4), (True, 32): (64, 64, 8), (True, 64): (64, 64, 8), (True, 128): (32, 32, 8),
+    (False, 16): (32, 32, 8), (False, 32): (32, 32, 8), (False, 64): (32, 32, 8), (False, 128): (16, 32, 4),
 }
+_MIN_BLOCK_M = 32
 
 
 def _rows_block_for_occupancy(block_m: int, n: int, programs_per_tile: int, sms: int) -> int:
     # Batch 1 and the late stages have few row tiles: halve BLOCK_M (down to 32) until the grid
     # covers every SM once.
-    while block_m > 32 and triton.cdiv(n, block_m) * programs_per_tile < sms:
+    while block_m > _MIN_BLOCK_M and triton.cdiv(n, block_m) * programs_per_tile < sms:
         block_m //= 2
     return block_m
+
+
+def _rows_blocks(block_m: int) -> list[int]:
+    """Every BLOCK_M that _rows_block_for_occupancy can return from this start."""
+    out = [block_m]
+    while out[-1] > _MIN_BLOCK_M:
+        out.append(out[-1] // 2)
+    return out
+
+
+def _fwd_stages(lowp: bool, block_d: int) -> int:
+    if lowp:
+        return 3 if block_d <= 64 else 2
+    return 1 if block_d == 16 else 2  # fp32, D = 16: two stages spill on sm_90 (aot_check)
 
 
 def _fwd_config(n: int, nkv: int, head_dim: int, dtype: torch.dtype, programs_per_tile: int,
@@ -326,7 +353,14 @@ def _fwd_config(n: int, nkv: int, head_dim: int, dtype: torch.dtype, programs_pe
     block_m, cap_n, warps = _FWD_TILES[(lowp, block_d)]
     block_m = _rows_block_for_occupancy(block_m, n, programs_per_tile, sm_count(device))
     return dict(BLOCK_M=block_m, BLOCK_N=_kv_block(nkv, cap_n), num_warps=warps,
-                num_stages=3 if lowp and block_d <= 64 else 2)
+                num_stages=_fwd_stages(lowp, block_d))
+
+
+def _split_rows(n: int, nkv: int, kv_m: int, kv_n: int, programs_per_tile: int, sms: int) -> int:
+    base = triton.cdiv(nkv, kv_n) * programs_per_tile
+    min_rows = 4 * kv_m  # keep a few row steps per program, or the partial sums dominate
+    splits = max(1, min(triton.cdiv(2 * sms, base), triton.cdiv(n, min_rows)))
+    return triton.cdiv(n, splits)
 
 
 def _bwd_configs(n: int, nkv: int, head_dim: int, dtype: torch.dtype, programs_per_tile: int,
@@ -350,10 +384,82 @@ def _bwd_configs(n: int, nkv: int, head_dim: int, dtype: torch.dtype, programs_p
     kv_m, kv_n, kv_w = _DKDV_TILES[(lowp, block_d)]
     kv_n = _kv_block(nkv, kv_n)
     dkdv_cfg = dict(BLOCK_M=kv_m, BLOCK_N=kv_n, num_warps=kv_w, num_stages=2)
-    base = triton.cdiv(nkv, kv_n) * programs_per_tile
-    min_rows = 4 * kv_m  # keep a few row steps per program, or the partial sums dominate
-    splits = max(1, min(triton.cdiv(2 * sms, base), triton.cdiv(n, min_rows)))
-    return dq_cfg, dkdv_cfg, triton.cdiv(n, splits)
+    return dq_cfg, dkdv_cfg, _split_rows(n, nkv, kv_m, kv_n, programs_per_tile, sms)
+
+
+def _sum_splits_config(width: int) -> dict:
+    return dict(BLOCK_R=32, BLOCK_C=min(128, triton.next_power_of_2(width)))
+
+
+# --------------------------------------------------------------------------------------------
+# Every GPU config the launchers can pick, for ahead-of-time compilation
+# (python -m fastseg.kernels.aot_check): the same tables and rules as above, enumerated.
+# --------------------------------------------------------------------------------------------
+_AOT_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _dot_precisions(dtype: torch.dtype) -> tuple[str, ...]:
+    # fp32 dots follow torch.get_float32_matmul_precision (dot_precision): both can be picked.
+    return ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+
+
+def fwd_config_space(dtype: torch.dtype, block_d: int) -> list[dict]:
+    lowp = dtype != torch.float32
+    block_m, cap_n, warps = _FWD_TILES[(lowp, block_d)]
+    return [dict(BLOCK_M=m, BLOCK_N=bn, num_warps=warps, num_stages=_fwd_stages(lowp, block_d))
+            for m in _rows_blocks(block_m) for bn in _kv_blocks(cap_n)]
+
+
+def dq_config_space(dtype: torch.dtype, block_d: int) -> list[dict]:
+    block_m, cap_n, warps = _DQ_TILES[(dtype != torch.float32, block_d)]
+    return [dict(BLOCK_M=m, BLOCK_N=bn, num_warps=warps, num_stages=2)
+            for m in _rows_blocks(block_m) for bn in _kv_blocks(cap_n)]
+
+
+def dkdv_config_space(dtype: torch.dtype, block_d: int) -> list[dict]:
+    block_m, cap_n, warps = _DKDV_TILES[(dtype != torch.float32, block_d)]
+    return [dict(BLOCK_M=block_m, BLOCK_N=bn, num_warps=warps, num_stages=2) for bn in _kv_blocks(cap_n)]
+
+
+def sum_splits_config_space() -> list[dict]:
+    # width = 2C >= 2 * MIN_HEAD_DIM
+    return [_sum_splits_config(w) for w in (32, 64, 128)]
+
+
+def aot_variants():
+    """Yields (kernel, args) for every compiled variant the launchers can pick: args names every
+    kernel argument (pointers as "*dtype", scalars as sample values of a SegFormer-like launch,
+    constexprs, num_warps and num_stages as the launcher chooses them)."""
+    for dtype, name in _AOT_DTYPES.items():
+        ptr = "*" + name
+        for block_d in HEAD_DIM_BUCKETS:
+            C = 2 * block_d
+            sizes = dict(N=16384, NKV=256, H=2, HEAD_DIM=block_d, qk_scale=0.18)
+            for precision in _dot_precisions(dtype):
+                for cfg in fwd_config_space(dtype, block_d):
+                    yield _sr_attn_fwd_kernel, dict(
+                        Q=ptr, KV=ptr, O=ptr, LSE="*fp32", **sizes,
+                        stride_qb=16384 * C, stride_qn=C, stride_kvb=256 * 2 * C, stride_kvn=2 * C,
+                        stride_ob=16384 * C, stride_on=C, BLOCK_D=block_d, DOT_PRECISION=precision, **cfg)
+                for cfg in dq_config_space(dtype, block_d):
+                    yield _sr_attn_bwd_dq_kernel, dict(
+                        Q=ptr, KV=ptr, O=ptr, DO=ptr, LSE="*fp32", DELTA="*fp32", DQ=ptr, **sizes, scale=0.125,
+                        stride_qb=16384 * C, stride_qn=C, stride_kvb=256 * 2 * C, stride_kvn=2 * C,
+                        stride_ob=16384 * C, stride_on=C, stride_dob=16384 * C, stride_don=C,
+                        stride_dqb=16384 * C, stride_dqn=C, BLOCK_D=block_d, DOT_PRECISION=precision, **cfg)
+                for cfg in dkdv_config_space(dtype, block_d):
+                    # One split writes dKV in its dtype (split stride 0); several, fp32 partials.
+                    for dkv, stride_s in ((ptr, 0), ("*fp32", 256 * 2 * C * 2)):
+                        yield _sr_attn_bwd_dkdv_kernel, dict(
+                            Q=ptr, KV=ptr, DO=ptr, LSE="*fp32", DELTA="*fp32", DKV=dkv, **sizes, scale=0.125,
+                            ROWS_PER_SPLIT=2048, stride_qb=16384 * C, stride_qn=C, stride_kvb=256 * 2 * C,
+                            stride_kvn=2 * C, stride_dob=16384 * C, stride_don=C, stride_dkvs=stride_s,
+                            stride_dkvb=256 * 2 * C, stride_dkvn=2 * C, BLOCK_D=block_d,
+                            DOT_PRECISION=precision, **cfg)
+        for cfg in sum_splits_config_space():
+            yield _sum_splits_kernel, dict(
+                WS="*fp32", DKV=ptr, ROWS=512, NKV=256, WIDTH=256, SPLITS=4, stride_wss=512 * 256,
+                stride_dkvb=256 * 256, stride_dkvn=256, num_warps=4, num_stages=3, **cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,7 +657,8 @@ def sr_attention_bwd(do: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, out: t
         )
         if splits > 1:
             rows, width = B * Nkv, 2 * C
-            block_r, block_c = 32, min(128, triton.next_power_of_2(width))
+            sum_cfg = _sum_splits_config(width)
+            block_r, block_c = sum_cfg["BLOCK_R"], sum_cfg["BLOCK_C"]
             _sum_splits_kernel[(triton.cdiv(rows, block_r), triton.cdiv(width, block_c))](
                 dst, dkv,
                 rows, Nkv, width, splits,
