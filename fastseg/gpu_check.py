@@ -43,6 +43,23 @@ CUDA_TEST_FILES = ("tests/test_sr_attention_kernel.py", "tests/test_dwconv3x3_ge
                    "tests/test_decoder_upsample_fuse_kernel.py", "tests/test_sr_attention_op.py",
                    "tests/test_dwconv3x3_gelu_op.py", "tests/test_overlap_patch_embed.py",
                    "tests/test_upsample_argmax.py", "tests/test_fused_segformer.py")
+# The least time each later step gets (s): a step's timeout leaves this much for the ones after it.
+MIN_TESTS, MIN_OPS, MIN_BENCH, MIN_TRAIN = 60, 45, 30, 40
+BENCH_STEPS = 4
+
+
+def _session_timeout(seconds: float) -> list[str]:
+    """pytest-timeout's --session-timeout (2.3+), where installed: pytest stops after the
+    current test and still writes its JUnit / benchmark JSON, so a slow step keeps its results."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(v) for v in version("pytest-timeout").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return []
+    return ["--session-timeout", str(int(max(10, seconds - 15)))] if (major, minor) >= (2, 3) else []
+
+
 # ROOFLINE.md's rule for a floor: max(FLOPs / 790 TFLOP/s, minimum bytes / 3.0 TB/s).
 ROOF_FLOPS, ROOF_BYTES = 790e12, 3.0e12
 
@@ -184,8 +201,8 @@ def tests(run: Run, cuda: bool) -> None:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", "-o",
            "junit_family=xunit1"]
     if cuda:
-        cmd += list(CUDA_TEST_FILES)
-        timeout = 150
+        timeout = max(MIN_TESTS, min(120.0, run.left() - MIN_OPS - BENCH_STEPS * MIN_BENCH - MIN_TRAIN))
+        cmd += list(CUDA_TEST_FILES) + _session_timeout(timeout)
     else:  # rehearsal: one small file's Triton cases under the interpreter (its CUDA cases skip)
         cmd += ["tests/test_dwconv3x3_gelu_kernel.py", "-k", "strided_inputs"]
         timeout = 60
@@ -199,14 +216,13 @@ def op_benchmarks(run: Run, cuda: bool) -> None:
            "--benchmark-only", f"--benchmark-json={path}"]
     env = run.env(triton=True)
     if cuda:
-        # Full sizes (b0/b2 shapes at 512x512 b1/b8 and 1024x2048 b1); torch.compile of every op
-        # only with room to spare in the budget.
-        reserve = 60 + 4 * 35 + 45  # later steps at their minimum
-        with_compile = run.left() - reserve > 240
-        if not with_compile:
-            cmd += ["-k", "not compile"]
-        step = run.step("ops", cmd, max(60.0, min(240.0 if with_compile else 120.0, run.left() - reserve)), env=env,
-                        compile=with_compile)
+        # Full sizes: b0/b2 shapes at 512x512 batch 8 and 1024x2048 batch 1 (bf16); torch.compile
+        # of every op only with room to spare in the budget.
+        reserve = BENCH_STEPS * MIN_BENCH + MIN_TRAIN
+        with_compile = run.left() - reserve > 300
+        cmd += ["-k", "(8-512-512 or 1-1024-2048)" + ("" if with_compile else " and not compile")]
+        timeout = max(MIN_OPS, min(240.0 if with_compile else 120.0, run.left() - reserve))
+        step = run.step("ops", cmd + _session_timeout(timeout), timeout, env=env, compile=with_compile)
     else:
         env["FASTSEG_BENCH_QUICK"] = "1"
         cmd += ["-k", "test_sr_attention and b0-s1 and not compile"]  # the cheapest op to interpret
@@ -247,12 +263,13 @@ def model_bench(run: Run, cuda: bool, name: str, variant: str, h: int, w: int, b
         cmd.append("--backward")
     if cuda:
         cmd += ["--warmup", "3", "--repeats", "10"]
-        reserve = 40 * later_steps
+        reserve = MIN_BENCH * max(0, later_steps - 1) + (0 if backward else MIN_TRAIN)
         # torch.compile of a whole model takes 30-90 s: only while the budget has room for it.
         with_compile = not backward and run.left() - reserve > 150
         if with_compile:
             cmd.append("--compile")
-        timeout = max(30.0, min(180.0 if with_compile else 75.0, run.left() - reserve))
+        timeout = max(float(MIN_TRAIN if backward else MIN_BENCH),
+                      min(180.0 if with_compile else 75.0, run.left() - reserve))
         step = run.step(name, cmd, timeout, compile=with_compile)
         if step["status"] == "timeout" and with_compile and run.left() - reserve > 45:
             cmd.remove("--compile")  # keep eager / fused numbers at least
