@@ -5,6 +5,7 @@ and other bad input. The smp, NVlabs and mmseg layouts come from the independent
 """
 import ast
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -84,6 +85,11 @@ def test_smp_checkpoint_matches_smp_structure(tmp_path, x):
 
     again.load_state_dict(load_file(tmp_path / "back.safetensors"), strict=True)
     assert same_weights(again, ref)
+    # a path without suffix: smp's save_pretrained directory, which smp.from_pretrained reads
+    model.save_pretrained(tmp_path / "smp_dir", "smp")
+    config = json.loads((tmp_path / "smp_dir" / "config.json").read_text())
+    assert config["_model_class"] == "Segformer" and config["encoder_name"] == "mit_b0" and config["classes"] == CLASSES
+    assert same_weights(SegFormer.from_pretrained(tmp_path / "smp_dir"), model)
 
 
 def test_smp_with_another_encoder_is_refused():
