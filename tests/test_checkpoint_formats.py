@@ -138,6 +138,7 @@ def test_hf_refuses_what_it_cannot_hold(tmp_path, x):
 SOURCES = ["nvlabs", "smp", "hf", "mmseg", "fastseg"]
 TARGETS = ["nvlabs", "smp", "hf", "mmseg", "fastseg"]
 EPS_OF = {"nvlabs": "nvlabs", "smp": "nvlabs", "hf": "hf", "mmseg": "mmseg", "fastseg": "nvlabs"}
+ORACLES = {"nvlabs": NVLabsSegFormer, "smp": SMPSegformer, "mmseg": MMSegSegFormer}
 
 
 def write_source(kind, tmp_path) -> Path:
@@ -201,6 +202,13 @@ def test_round_trip_between_formats(tmp_path, source):
         if key.startswith("decode_head.conv_seg.") and source == "nvlabs":
             continue  # NVlabs' unused conv_seg is not loaded; it is written back as a copy of linear_pred
         assert torch.equal(got[key], value), key
+    if source in ORACLES:  # that library's module tree loads the written file strictly, same logits
+        ref = ORACLES[source](DIMS, DEPTHS, 256, CLASSES).eval()
+        ref.load_state_dict(got, strict=True)
+        with torch.no_grad():
+            theirs = ref(x)
+        ours = F.interpolate(want, scale_factor=4, mode="bilinear", align_corners=True) if source == "smp" else want
+        assert rel_err(theirs, ours) < 1e-4
 
 
 def test_cli_convert_refuses_existing_output_and_unrepresentable_targets(tmp_path, capsys):
