@@ -292,11 +292,13 @@ def lookup(op: str, args: tuple) -> tuple[str, dict | None]:
 def _tuned_call(op: str, backend: str, impl):
     """What dispatch.implementation returns while tuning is active: on each call, the tuned
     backend of the call's shape class (measured now if unknown and measuring is on)."""
+    if torch.compiler.is_compiling():  # traced graphs keep the static choice
+        return impl
     facts = dispatch.last_facts(op)
 
     def call(*args, **kwargs):
-        if (dispatch.forced_backend() or getattr(_state, "busy", False) or torch.compiler.is_compiling()
-                or facts is None):
+        if (torch.compiler.is_compiling() or facts is None or getattr(_state, "busy", False)
+                or dispatch.forced_backend()):
             return impl(*args, **kwargs)
         with _lock:
             key, entry = lookup(op, args)

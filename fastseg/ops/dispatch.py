@@ -129,9 +129,10 @@ def choose(op: str, **inputs) -> Choice:
     if op not in _registry:
         raise ValueError(f"unknown op {op!r}; known ops: {list(FUSED_OPS)}")
     candidates = [b for b in _registry[op] if b.name != REFERENCE]
-    if not hasattr(_facts, "by_op"):
-        _facts.by_op = {}
-    _facts.by_op[op] = inputs
+    if _tuning is not None:  # only with tuning on: static dispatch stays as torch.compile traced it
+        if not hasattr(_facts, "by_op"):
+            _facts.by_op = {}
+        _facts.by_op[op] = inputs
     forced = forced_backend()
     if forced == REFERENCE:
         return Choice(op, REFERENCE, forced=True)
