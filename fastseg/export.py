@@ -555,11 +555,12 @@ def _size_oblivious():
     """Size-oblivious reasoning where this torch has it: fewer 0/1 guards, wider dynamic ranges."""
     try:
         from torch.fx.experimental import _config
-
-        ctx = _config.patch(backed_size_oblivious=True)
-    except (ImportError, AttributeError, KeyError):
-        ctx = contextlib.nullcontext()
-    with ctx:
+    except ImportError:
+        _config = None
+    if _config is None or not hasattr(_config, "backed_size_oblivious"):
+        yield
+        return
+    with _config.patch(backed_size_oblivious=True):
         yield
 
 
