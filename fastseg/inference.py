@@ -209,7 +209,7 @@ def segment_labels(model, images: torch.Tensor, *, mode: str = "whole", crop=Non
     return (labels, scores) if return_scores else labels
 
 
-BAND_ELEMENTS = 1 << 23  # (B, K, rows, W) elements of one band of output rows (32 MB fp32)
+BAND_ELEMENTS = 1 << 22  # (B, K, rows, W) elements of one band of output rows (16 MB fp32)
 
 
 def _window_grid(size, crop, stride) -> list[tuple[int, int, int, int]]:
