@@ -52,7 +52,7 @@ class ExportError(ValueError):
 # --- the fast graph ----------------------------------------------------------------------------
 
 def _t(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.detach().to(torch.float32 if dtype is None else dtype).clone()
+    return x.detach().to(dtype).clone()
 
 
 class _Weights(nn.Module):
@@ -802,25 +802,35 @@ def _ranges(ep) -> str:
 def export_program(model, path, *, dynamic: bool = True, example_size=(512, 512), batch: int = 1,
                    fp16: bool = False, aoti: bool = False, check: bool = False,
                    progress: Callable[[str], None] | None = None) -> ExportReport:
-    """Write the fast graph as a ``torch.export`` ExportedProgram (``.pt2``, read it back with
-    ``torch.export.load``), or with ``aoti=True`` as an AOTInductor package compiled for this
-    machine (``torch._inductor.aoti_load_package``). Same graph, dims and dtypes as the ONNX."""
+    """Write the fast graph as a ``torch.export`` ExportedProgram (``.pt2``; read it back with
+    ``torch.export.load(path).module()``), or with ``aoti=True`` as an AOTInductor package
+    compiled for this machine (``torch._inductor.aoti_load_package``).
+
+    The batch is fixed at ``batch``; with ``dynamic`` the height and width are symbolic. torch.export
+    cannot keep the batch symbolic down to 1: its conv shape rule guards ``batch > 1``. It also
+    guards that no map shrinks to one token (H, W >= 33, and stage 1's spatial-reduction grid
+    more than 1×1, e.g. not both H, W < 61 for SegFormer); the report lists the ranges it kept.
+    """
     kind = model_kind(model)
     size = _parse_size(example_size)
-    if not isinstance(batch, int) or batch < 1:
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ExportError(f"batch must be a positive integer, got {batch!r}")
     path = _check_output(path)
     start = time.perf_counter()
-    _progress(progress, f"[1/3] building the fast graph ({kind}{', fp16' if fp16 else ''})")
+    _progress(progress, f"[1/3] building the fast graph of {_describe(model)}{' (fp16 compute)' if fp16 else ''}")
     graph = fast_graph(model, fp16=fp16)
-    x = _example(model, batch, size, dynamic)
-    _progress(progress, f"[2/3] torch.export ({'dynamic batch/H/W' if dynamic else 'static'} "
-                        f"{'x'.join(map(str, x.shape))})")
+    x = _example(model, batch, size, False)
+    _progress(progress, f"[2/3] torch.export ({'dynamic height/width, batch ' + str(batch) if dynamic else 'static'}"
+                        f", traced at {'x'.join(map(str, x.shape))})")
+    from torch.export import Dim
+
+    dims = {"images": {2: Dim.DYNAMIC, 3: Dim.DYNAMIC}} if dynamic and hasattr(Dim, "DYNAMIC") else (
+        {"images": {2: Dim("height", min=64), 3: Dim("width", min=64)}} if dynamic else None)
     with torch.no_grad(), _size_oblivious():
-        ep = torch.export.export(graph, (x,), dynamic_shapes=_dynamic_shapes() if dynamic else None)
+        ep = torch.export.export(graph, (x,), dynamic_shapes=dims)
     notes = []
     if dynamic:
-        notes.append(f"dynamic ranges: {_ranges(ep)}")
+        notes.append(f"dynamic ranges: {_ranges(ep) or 'none'} (batch fixed at {batch})")
         _progress(progress, "      " + notes[-1])
     with _atomic_path(path) as tmp:
         if aoti:
@@ -834,24 +844,32 @@ def export_program(model, path, *, dynamic: bool = True, example_size=(512, 512)
             _progress(progress, "[3/3] writing the ExportedProgram atomically")
             torch.export.save(ep, str(tmp))
             notes.append("load with torch.export.load(path).module()")
+    with torch.no_grad():
+        out = tuple(graph(x).shape)
     report = ExportReport(str(path), "aoti" if aoti else "pt2", _describe(model), None, dynamic,
-                          ("batch", 3, "height", "width") if dynamic else tuple(x.shape),
-                          tuple(ep.module()(x).shape) if not dynamic else ("batch", model.num_classes, "h", "w"),
+                          (batch, 3, "height", "width") if dynamic else tuple(x.shape),
+                          (batch, out[1], "logits_height", "logits_width") if dynamic else out,
                           fp16, size_bytes=path.stat().st_size, notes=notes)
     ops = Counter(str(n.target).split(".")[1] if str(n.target).startswith("aten.") else str(n.target)
                   for n in ep.graph.nodes if n.op == "call_function")
     report.ops = dict(ops)
     if check:
-        loaded = (torch._inductor.aoti_load_package(str(path)) if aoti
-                  else torch.export.load(str(path)).module())
+        if aoti:
+            from torch._inductor import aoti_load_package
+
+            loaded = aoti_load_package(str(path))
+        else:
+            loaded = torch.export.load(str(path)).module()
         sizes = [size] if not dynamic else [size, _odd_size(size)]
-        b = batch if not dynamic else 2
         gen = torch.Generator().manual_seed(0)
+        was_training = model.training
+        model.eval()
         for s in sizes:
-            xi = torch.randn(b, model.config.in_channels, *s, generator=gen).to(x.device)
+            xi = torch.randn(batch, model.config.in_channels, *s, generator=gen).to(x.device)
             with torch.no_grad():
                 report.parity[f"{report.format} {'x'.join(map(str, xi.shape))}"] = relative_error(
-                    loaded(xi).cpu(), model.eval()(xi).float().cpu())
+                    loaded(xi).cpu(), model(xi).float().cpu())
+        model.train(was_training)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -903,10 +921,12 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=None, help="segformer[-bX] or setr[-naive|pup|mla]: skip detection")
     p.add_argument("--format", choices=FORMATS, default="onnx",
                    help="onnx (default), pt2 (torch.export ExportedProgram) or aoti (AOTInductor package)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET}; default {DEFAULT_OPSET})")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset (>= {MIN_OPSET}; default {DEFAULT_OPSET})")
     p.add_argument("--static", metavar="HxW", default=None,
                    help="a fixed-shape graph for this size (TensorRT builds engines faster from one)")
-    p.add_argument("--batch", type=int, default=1, help="the batch size of a --static graph (default 1)")
+    p.add_argument("--batch", type=int, default=1, help="the batch size of a --static graph, and of any pt2/aoti "
+                                                        "program (default 1)")
     p.add_argument("--size", metavar="HxW", default="512x512", help="trace size of a dynamic export (default 512x512)")
     p.add_argument("--fp16", action="store_true", help="fp16 compute (LayerNorm, softmax, decoder sums in fp32)")
     p.add_argument("--exporter", choices=EXPORTERS, default="auto", help="torch.onnx exporter (default auto)")
@@ -924,8 +944,8 @@ def main(args) -> int:
         size = _parse_size(args.static if args.static else args.size)
         if args.batch < 1:
             raise ExportError(f"--batch must be >= 1, got {args.batch}")
-        if args.static is None and args.batch != 1:
-            raise ExportError("--batch fixes the batch of a --static graph; a dynamic graph takes any batch")
+        if args.static is None and args.batch != 1 and args.format == "onnx":
+            raise ExportError("--batch fixes the batch of a --static graph; a dynamic ONNX graph takes any batch")
         _check_output(args.out)
         say(f"loading {args.source}")
         model = load_source(args.source, args.model).eval()

@@ -119,7 +119,8 @@ def _float_concats(proto) -> list[str]:
              list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
     types.update({i.name: i.data_type for i in inferred.graph.initializer})
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-    return [n.name for n in inferred.graph.node if n.op_type == "Concat" and any(types.get(i) in floats for i in n.input)]
+    return [n.name for n in inferred.graph.node
+            if n.op_type == "Concat" and any(types.get(i) in floats for i in n.input)]
 
 
 @pytest.mark.parametrize("name", ["segformer-b0-mlp", "segformer-b0-mmseg"])
@@ -254,8 +255,9 @@ def test_pt2_round_trip(tmp_path):
     model = tiny_segformer("mmseg")
     report = ex.export_program(model, tmp_path / "m.pt2", example_size=(64, 64))
     assert report.format == "pt2" and os.path.getsize(report.path) == report.size_bytes
+    assert report.input_shape == (1, 3, "height", "width")
     loaded = torch.export.load(report.path).module()
-    for shape in [(2, 3, 97, 131), (3, 3, 64, 80)]:
+    for shape in [(1, 3, 97, 131), (1, 3, 64, 80), (1, 3, 256, 320)]:
         x = torch.randn(shape)
         assert ex.relative_error(loaded(x), run_pytorch(model, x)) < TOL
 
@@ -349,3 +351,13 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
         export_onnx(model, target, example_size=(64, 64))
     assert target.read_bytes() == b"previous file"  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary file left
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FASTSEG_TEST_EXPORT_SLOW") != "1", reason="a C++ build of minutes: set "
+                    "FASTSEG_TEST_EXPORT_SLOW=1")
+def test_aoti_package(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_segformer()
+    report = ex.export_program(model, tmp_path / "m.pt2", example_size=(64, 64), aoti=True, check=True)
+    assert report.format == "aoti" and max(report.parity.values()) < TOL
