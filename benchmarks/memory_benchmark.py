@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
               "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = dev.split(" (")[0].replace(" ", "-").replace("/", "-")[:40]
+    slug = re.sub(r"[^A-Za-z0-9._]+", "-", dev.split(" (")[0].replace("(R)", "").replace("(TM)", "")).strip("-")[:40]
     (out / f"{stamp}_memory_{slug}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# fastseg predict peak memory, {args.width}x{args.height}, {dev}, torch {torch.__version__}, {record['date']}",
              "", f"`{record['command']}`", "",
