@@ -361,3 +361,20 @@ def test_aoti_package(tmp_path):
     model = tiny_segformer()
     report = ex.export_program(model, tmp_path / "m.pt2", example_size=(64, 64), aoti=True, check=True)
     assert report.format == "aoti" and max(report.parity.values()) < TOL
+
+
+def test_cli_exports_an_hf_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.SegformerConfig(num_labels=3, hidden_sizes=[16, 32, 40, 64], depths=[1, 1, 1, 1],
+                                       num_attention_heads=[1, 2, 5, 8], decoder_hidden_size=32)
+    hf = transformers.SegformerForSemanticSegmentation(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "hf.onnx"
+    code, text, err = run_cli(tmp_path / "hf", "--out", out, "--size", "64x64")
+    assert code == 0, err
+    assert "SegFormer-custom (mlp head, 3 classes)" in text
+    x = torch.randn(2, 3, 97, 131)
+    with torch.no_grad():
+        want = hf(pixel_values=x).logits
+    assert ex.relative_error(ex.onnx_session(out)(x.numpy()), want) < TOL
