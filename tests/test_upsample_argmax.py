@@ -119,7 +119,7 @@ def test_kernel_ties_and_nan(impl, device):
 @pytest.mark.parametrize("K", [1, 19, 150, 300])
 def test_triton_kernel_against_the_two_step_version(K, device):
     # small shapes: the interpreter runs every class of every program in Python
-    max_in, max_out = (12, 33) if K <= 19 or device == "cuda" else (6, 7)
+    max_in, max_out = (12, 21) if K <= 19 or device == "cuda" else (6, 7)
     for trial in range(2 if K <= 150 or device == "cuda" else 1):
         x, size = random_case(K, max_in=max_in, max_out=max_out, channels_last=bool(trial % 2))
         x = x.to(device)
@@ -131,9 +131,9 @@ def test_triton_kernel_against_the_two_step_version(K, device):
 def test_triton_kernel_low_precision_logits(device):
     x = torch.randn(1, 19, 7, 6).to(device)
     for dtype in (torch.float16, torch.bfloat16):
-        labels, scores = upsample_argmax_triton(x.to(dtype), (25, 21), return_scores=True)
+        labels, scores = upsample_argmax_triton(x.to(dtype), (13, 11), return_scores=True)
         # interpolated in fp32 from the rounded logits
-        assert_labels_match(labels.cpu(), scores.cpu().float(), x.to(dtype).float().cpu(), (25, 21), rel_tol=1e-2,
+        assert_labels_match(labels.cpu(), scores.cpu().float(), x.to(dtype).float().cpu(), (13, 11), rel_tol=1e-2,
                             score_tol=1e-2)
         assert scores.dtype == dtype
 
@@ -187,3 +187,14 @@ def test_decoder_banded_upsample_sum_matches_the_full_one(monkeypatch):
     m = maps[1].clone().requires_grad_(True)  # with autograd: the unbanded form
     d.upsample_sum_torch([maps[0], m], (H, W), bias).sum().backward()
     assert m.grad is not None
+
+
+def test_ops_trace_with_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 19, 8, 9)
+        for op in ([torch.ops.fastseg_ext.upsample_argmax_fwd] if HAS_CPP else []) + [torch.ops.fastseg.upsample_argmax_fwd]:
+            labels, scores = op(x, 31, 35, True)
+            assert labels.shape == (2, 31, 35) and labels.dtype == torch.int64 and scores.shape == (2, 31, 35)
+            assert op(x, 31, 35, False)[1].shape == (0, 31, 35)

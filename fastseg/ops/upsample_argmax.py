@@ -11,6 +11,8 @@ Backends (:mod:`fastseg.ops.dispatch`):
 
 - ``triton``: ``fastseg.kernels.upsample_argmax`` — one program per output row and column block,
   running max over K in registers (GPU; CPU tensors under Triton's interpreter). fp32/fp16/bf16.
+  Custom op ``fastseg::upsample_argmax_fwd`` with a fake implementation (as the extension's
+  ``fastseg_ext::upsample_argmax_fwd``), so ``torch.compile`` traces either without a graph break.
 - ``cpp``: the extension's C++ kernel ``fastseg_ext::upsample_argmax_fwd``
   (``csrc/upsample_argmax_cpu.cpp``), rows over threads. fp32/fp64.
 - reference: the two-step version itself, run over chunks of 64 classes with a running maximum,
@@ -164,8 +166,22 @@ def _kernels():
     return _kernel_module
 
 
+@torch.library.custom_op("fastseg::upsample_argmax_fwd", mutates_args=())
+def _triton_op(logits: torch.Tensor, H: int, W: int, return_scores: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    labels, scores = _kernels().upsample_argmax_fwd(logits, (H, W), return_scores)
+    # custom ops return tensors only: an empty (0, H, W) stands for "no scores"
+    return labels, scores if scores is not None else logits.new_empty((0, H, W))
+
+
+@_triton_op.register_fake
+def _(logits, H, W, return_scores):
+    B = logits.shape[0]
+    return logits.new_empty((B, H, W), dtype=torch.int64), logits.new_empty((B if return_scores else 0, H, W))
+
+
 def upsample_argmax_triton(logits, size, *, return_scores=False):
-    labels, scores = _kernels().upsample_argmax_fwd(logits.detach(), _size(size), return_scores)
+    H, W = _size(size)
+    labels, scores = torch.ops.fastseg.upsample_argmax_fwd(logits.detach(), H, W, bool(return_scores))
     return (labels, scores) if return_scores else labels
 
 
