@@ -11,6 +11,7 @@ Steps, in order (each one a subprocess with its own timeout, so a hang loses one
   4. bench   ``fastseg bench`` for b0 / b2 / b5 bf16 batch 8 at 512x512 and b2 1024x2048 batch 1:
              eager, fused and torch.compile (compile while the budget allows)
   5. train   the training step, b2 512x512 batch 8 bf16 (forward + backward, eager vs fused)
+  6. tune    fastseg.tune on b2 512x512 batch 8 bf16: where measurement beats the static order
 OUTDIR gets at most 6 flat files: gpu_check.json (everything), gpu_check.md (the tables),
 gpu_check.log (every step's command and output), junit.xml, op_benchmarks.json and
 environment.txt. The last thing printed is the summary table.
@@ -283,6 +284,34 @@ def model_bench(run: Run, cuda: bool, name: str, variant: str, h: int, w: int, b
     step["record"] = records[-1] if records else None
 
 
+_TUNE_SCRIPT = """
+import json, sys, torch, fastseg
+variant, size, batch, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), getattr(torch, sys.argv[4])
+device = "cuda" if torch.cuda.is_available() else "cpu"
+torch.manual_seed(0)
+model = fastseg.SegFormer(variant, num_classes=150).to(device, dtype).eval().set_fused(True)
+report = fastseg.tune(model, torch.randn(batch, 3, size, size, device=device, dtype=dtype), save_cache=False)
+print("TUNE " + json.dumps(report))
+"""
+
+
+def tune_step(run: Run, cuda: bool) -> None:
+    """Where measurement and the static order disagree (fastseg.tune on the b2 512x512 model)."""
+    args = ["b2", "512", "8", "bfloat16"] if cuda else ["b0", "32", "1", "float32"]
+    if run.left() < 20:
+        run.skip("tune", "global budget spent")
+        return
+    env = run.env(FASTSEG_CACHE_DIR=str(run.work / "tune-cache"))
+    step = run.step("tune " + " ".join(args[:3]), [sys.executable, "-c", _TUNE_SCRIPT, *args], min(60.0, run.left()),
+                    env=env)
+    text = (run.out / "gpu_check.log").read_text(errors="replace")
+    lines = [ln for ln in text.splitlines() if ln.startswith("TUNE ")]
+    report = json.loads(lines[-1][5:]) if lines and step["status"] == "ok" else {}
+    step["tuned"] = [{"op": op, "shape": shape, "backend": e["backend"], "static": e["static"],
+                      "timings_ms": e["timings_ms"], "rejected": e["rejected"]}
+                     for op, entries in report.items() for shape, e in entries.items()]
+
+
 def _ms(record: dict | None, mode: str) -> float | None:
     if not record:
         return None
@@ -331,6 +360,12 @@ def summary_tables(result: dict) -> str:
             lines.append(f"| {c['variant']} {c['height']}x{c['width']} b{c['batch']} {c['dtype']} | {c['pass']} | "
                          f"{_fmt(e)} | {_fmt(f)} | {_fmt(k)} | {_fmt(e / f if e and f else None, suffix='x')} | "
                          f"{_fmt(k / f if k and f else None, suffix='x')} | {parity} |")
+    tuned = [t for s in result["steps"] for t in s.get("tuned", [])]
+    if tuned:
+        lines += ["", "| tuned op (shape class) | tuned | static | timings ms |", "|---|---|---|---|"]
+        for t in tuned:
+            times = ", ".join(f"{k} {v:.3g}" for k, v in sorted(t["timings_ms"].items(), key=lambda kv: kv[1]))
+            lines.append(f"| {t['op']} ({t['shape']}) | {t['backend']} | {t['static']} | {times} |")
     return "\n".join(lines)
 
 
@@ -369,6 +404,7 @@ def main(argv=None) -> int:
             model_bench(run, cuda, "train b2 512 b8", "b2", 512, 512, 8, True, later_steps=0)
         else:
             model_bench(run, cuda, "train b0 32 b1", "b0", 32, 32, 1, True, later_steps=0)
+        tune_step(run, cuda)
     finally:
         run.log.close()
         shutil.rmtree(run.work, ignore_errors=True)
