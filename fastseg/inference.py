@@ -234,7 +234,7 @@ def _axis_rows(n_in: int, n_out: int, rows: torch.Tensor):
 
 def _resize_rows(x: torch.Tensor, n_out: int, rows: torch.Tensor) -> torch.Tensor:
     """Rows ``rows`` of the bilinear resize of x (B, K, h, w) along dim 2 to n_out rows."""
-    i0, i1, lam = _axis_rows(x.shape[2], n_out, rows)
+    i0, i1, lam = (t.to(x.device) for t in _axis_rows(x.shape[2], n_out, rows))
     if x.shape[2] == n_out:
         return x.index_select(2, i0)
     return torch.lerp(x.index_select(2, i0), x.index_select(2, i1), lam.to(x.dtype)[:, None])
@@ -281,7 +281,8 @@ def _pass_rows(found, in_size, out_size, r0: int, r1: int, flipped: bool) -> tor
     if flipped:
         mid = mid.flip(-1)
     if j0 is not None:
-        mid = torch.lerp(mid.index_select(2, j0 - lo), mid.index_select(2, j1 - lo), lam.to(mid.dtype)[:, None])
+        j0, j1, lam = j0.to(mid.device), j1.to(mid.device), lam.to(mid.device, mid.dtype)
+        mid = torch.lerp(mid.index_select(2, j0 - lo), mid.index_select(2, j1 - lo), lam[:, None])
     return _resize_cols(mid, out_size[1])
 
 

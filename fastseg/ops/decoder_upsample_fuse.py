@@ -55,7 +55,7 @@ def _resize_rows(m: torch.Tensor, out_hw, r0: int, r1: int) -> torch.Tensor:
         band = m[:, r0:r1]
     else:
         scale = torch.tensor(h, dtype=torch.float32) / torch.tensor(H, dtype=torch.float32)
-        src = (scale * (torch.arange(r0, r1, dtype=torch.float32) + 0.5) - 0.5).clamp_min_(0)
+        src = (scale * (torch.arange(r0, r1, dtype=torch.float32) + 0.5) - 0.5).clamp_min_(0).to(m.device)
         i0 = src.floor().long().clamp_(max=h - 1)
         lam = (src - i0).clamp_(0, 1).to(m.dtype)
         i1 = (i0 + 1).clamp_(max=h - 1)
