@@ -279,7 +279,7 @@ def model_bench(run: Run, cuda: bool, name: str, variant: str, h: int, w: int, b
         cmd += ["--warmup", "0", "--repeats", "1"]
         # The whole model under the interpreter takes minutes: CPU backends here; the tests and
         # ops steps ran the Triton kernels.
-        step = run.step(name, cmd, 45, compile=False)
+        step = run.step(name, cmd, 60, compile=False)
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))] if out.exists() else []
     step["record"] = records[-1] if records else None
 

@@ -304,8 +304,8 @@ def _kv_blocks(cap: int) -> list[int]:
 # fp32 runs its dots as exact IEEE FMAs, which need many more registers, hence the smaller
 # tiles. fastseg.kernels.aot_check compiles every config these tables and rules can produce and
 # fails on a spill; it found spills in some of the smaller configs the occupancy rule reaches
-# (e.g. 8 warps on 32-row tiles of D = 16), hence 4 warps for D = 16 in the backward and the
-# fp32 entries for D = 64 / 128 that start smaller.
+# (e.g. 8 warps on 32-row tiles of D = 16), hence 4 warps for D = 16 in the backward, the
+# fp32 entries for D = 64 / 128 that start smaller and the stage counts of _fwd_stages.
 _FWD_TILES = {
     (True, 16): (128, 64, 4), (True, 32): (128, 64, 4), (True, 64): (128, 64, 8), (True, 128): (128, 64, 8),
     (False, 16): (64, 64, 8), (False, 32): (64, 64, 8), (False, 64): (64, 32, 8), (False, 128): (32, 32, 8),
@@ -317,7 +317,7 @@ _DQ_TILES = {
 # dK/dV: (query rows per step BLOCK_M, KV rows per program BLOCK_N cap, num_warps).
 _DKDV_TILES = {
     (True, 16): (64, 64, 4), (True, 32): (64, 64, 8), (True, 64): (64, 64, 8), (True, 128): (32, 32, 8),
-    (False, 16): (32, 32, 8), (False, 32): (32, 32, 8), (False, 64): (32, 32, 8), (False, 128): (16, 32, 4),
+    (False, 16): (32, 32, 8), (False, 32): (32, 32, 4), (False, 64): (32, 32, 8), (False, 128): (16, 32, 4),
 }
 _MIN_BLOCK_M = 32
 
@@ -338,10 +338,14 @@ def _rows_blocks(block_m: int) -> list[int]:
     return out
 
 
-def _fwd_stages(lowp: bool, block_d: int) -> int:
+def _fwd_stages(lowp: bool, block_d: int, block_m: int) -> int:
+    # Where aot_check saw spills: fp16/bf16 D = 32 with 64-row tiles at 3 stages and 128-row
+    # tiles at 2 (sm_80); fp32 D = 16 at 2 stages (sm_90) and D = 128 at 2 stages (sm_80).
     if lowp:
+        if block_d == 32:
+            return 3 if block_m == 128 else 2
         return 3 if block_d <= 64 else 2
-    return 1 if block_d == 16 else 2  # fp32, D = 16: two stages spill on sm_90 (aot_check)
+    return 1 if block_d in (16, 128) else 2
 
 
 def _fwd_config(n: int, nkv: int, head_dim: int, dtype: torch.dtype, programs_per_tile: int,
@@ -353,7 +357,7 @@ def _fwd_config(n: int, nkv: int, head_dim: int, dtype: torch.dtype, programs_pe
     block_m, cap_n, warps = _FWD_TILES[(lowp, block_d)]
     block_m = _rows_block_for_occupancy(block_m, n, programs_per_tile, sm_count(device))
     return dict(BLOCK_M=block_m, BLOCK_N=_kv_block(nkv, cap_n), num_warps=warps,
-                num_stages=_fwd_stages(lowp, block_d))
+                num_stages=_fwd_stages(lowp, block_d, block_m))
 
 
 def _split_rows(n: int, nkv: int, kv_m: int, kv_n: int, programs_per_tile: int, sms: int) -> int:
@@ -406,7 +410,7 @@ def _dot_precisions(dtype: torch.dtype) -> tuple[str, ...]:
 def fwd_config_space(dtype: torch.dtype, block_d: int) -> list[dict]:
     lowp = dtype != torch.float32
     block_m, cap_n, warps = _FWD_TILES[(lowp, block_d)]
-    return [dict(BLOCK_M=m, BLOCK_N=bn, num_warps=warps, num_stages=_fwd_stages(lowp, block_d))
+    return [dict(BLOCK_M=m, BLOCK_N=bn, num_warps=warps, num_stages=_fwd_stages(lowp, block_d, m))
             for m in _rows_blocks(block_m) for bn in _kv_blocks(cap_n)]
 
 
