@@ -113,6 +113,8 @@ class _PatchEmbed(_Weights):
 
 
 class _SRAttention(_Weights):
+    sdpa = False
+
     def __init__(self, attn, dt):
         super().__init__()
         C = attn.q.weight.shape[0]
@@ -142,12 +144,20 @@ class _SRAttention(_Weights):
             x = self.norm(y.flatten(2).transpose(1, 2))
         k = F.linear(x, self.k_weight, self.k_bias)
         v = F.linear(x, self.v_weight, self.v_bias)
-        return F.linear(_attention(q, k, v, h), self.proj_weight, self.proj_bias)
+        return F.linear(_attention(q, k, v, h, self.sdpa), self.proj_weight, self.proj_bias)
 
 
-def _attention(q, k, v, heads: int) -> torch.Tensor:
+ATTENTIONS = ("matmul", "op")
+
+
+def _attention(q, k, v, heads: int, sdpa: bool = False) -> torch.Tensor:
     """softmax(q kᵀ) v per head (the scale is folded into q). q: (B, N, C), k, v: (B, Nkv, C) →
-    (B, N, C). One head needs no head views at all."""
+    (B, N, C). One head needs no head views at all. ``sdpa``: one scaled_dot_product_attention
+    call (the dynamo exporter writes it as opset 23's ``Attention`` node)."""
+    if sdpa:
+        D = q.shape[-1] // heads
+        qh, kh, vh = (t.unflatten(-1, (heads, D)).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qh, kh, vh, scale=1.0).transpose(1, 2).flatten(2)
     if heads == 1:
         return _softmax32(q @ k.transpose(1, 2)) @ v
     D = q.shape[-1] // heads
@@ -296,6 +306,8 @@ class SegFormerGraph(nn.Module):
 # --- SETR --------------------------------------------------------------------------------------
 
 class _ViTBlock(_Weights):
+    sdpa = False
+
     def __init__(self, block, dt):
         super().__init__()
         self.norm1, self.norm2 = _LayerNorm(block.norm1), _LayerNorm(block.norm2)
@@ -316,7 +328,7 @@ class _ViTBlock(_Weights):
 
     def forward(self, x):
         q, k, v = F.linear(self.norm1(x), self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
-        out = _attention(q, k, v, self.heads)
+        out = _attention(q, k, v, self.heads, self.sdpa)
         x = x + F.linear(out, self.proj_weight, self.proj_bias)
         y = F.gelu(F.linear(self.norm2(x), self.fc1_weight, self.fc1_bias))
         return x + F.linear(y, self.fc2_weight, self.fc2_bias)
@@ -437,14 +449,21 @@ def model_kind(model) -> str:
     raise ExportError(f"export takes a fastseg SegFormer or SETR model, got {type(model).__name__}")
 
 
-def fast_graph(model, fp16: bool = False) -> nn.Module:
+def fast_graph(model, fp16: bool = False, attention: str = "matmul") -> nn.Module:
     """The export module of ``model`` (SegFormer or SETR, fused or not): stock ops only, weights
     folded, eval semantics (no dropout, BN running statistics). ``fp16``: half-precision compute
-    with LayerNorm, softmax and the decoder's folded sums in fp32; fp32 in and out."""
+    with LayerNorm, softmax and the decoder's folded sums in fp32; fp32 in and out.
+    ``attention``: "matmul" (MatMul / Softmax / MatMul) or "op" (scaled_dot_product_attention,
+    for opset 23's ``Attention``; its softmax precision is then the runtime's)."""
     kind = model_kind(model)
+    if attention not in ATTENTIONS:
+        raise ExportError(f"attention must be one of {list(ATTENTIONS)}, got {attention!r}")
     dtype = torch.float16 if fp16 else torch.float32
     with torch.no_grad():
         graph = SegFormerGraph(model, dtype) if kind == "segformer" else SETRGraph(model, dtype)
+    for m in graph.modules():
+        if isinstance(m, (_SRAttention, _ViTBlock)):
+            m.sdpa = attention == "op"
     graph.kind = kind
     graph.num_classes = model.num_classes
     graph.to(next(model.parameters()).device)
@@ -633,7 +652,7 @@ def _trace_dynamo(graph, x, opset: int, dynamic: bool):
 
 def export_onnx(model, path, *, dynamic: bool = True, example_size=(512, 512), opset: int = DEFAULT_OPSET,
                 fp16: bool = False, batch: int = 1, check: bool = False, exporter: str = "auto",
-                progress: Callable[[str], None] | None = None) -> ExportReport:
+                attention: str = "matmul", progress: Callable[[str], None] | None = None) -> ExportReport:
     """Write ``model``'s fast graph (see :func:`fast_graph`) as an ONNX file at ``path``.
 
     model: a fastseg SegFormer or SETR (fused or not). dynamic: symbolic batch, height and width
@@ -643,6 +662,8 @@ def export_onnx(model, path, *, dynamic: bool = True, example_size=(512, 512), o
     check: run the file in ONNX Runtime against the PyTorch model and record the error.
     exporter: "torchscript" (torch.onnx's tracing exporter; opset <= 20), "dynamo" (torch.export
     based; any opset, slower to export) or "auto" (torchscript where it covers the opset).
+    attention: "matmul" (MatMul / Softmax / MatMul on head views) or "op" (one ``Attention`` node
+    per layer; needs opset >= 23 and the dynamo exporter).
     Returns an :class:`ExportReport`; raises :class:`ExportError` on bad options.
     """
     kind = model_kind(model)
@@ -651,13 +672,19 @@ def export_onnx(model, path, *, dynamic: bool = True, example_size=(512, 512), o
     size = _parse_size(example_size)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ExportError(f"batch must be a positive integer, got {batch!r}")
+    if attention not in ATTENTIONS:
+        raise ExportError(f"attention must be one of {list(ATTENTIONS)}, got {attention!r}")
+    if attention == "op" and opset < 23:
+        raise ExportError(f"attention='op' writes ONNX's Attention operator, which needs opset >= 23 (got {opset})")
     exporter = _pick_exporter(exporter, opset)
+    if attention == "op" and exporter != "dynamo":
+        raise ExportError("attention='op' needs the dynamo exporter (the TorchScript exporter has no Attention)")
     path = _check_output(path)
     onnx = _require("onnx")
     _require("onnxscript")
     start = time.perf_counter()
     _progress(progress, f"[1/4] building the fast graph of {_describe(model)}{' (fp16 compute)' if fp16 else ''}")
-    graph = fast_graph(model, fp16=fp16)
+    graph = fast_graph(model, fp16=fp16, attention=attention)
     x = _example(model, batch, size, dynamic and exporter == "dynamo")
     _progress(progress, f"[2/4] tracing with torch.onnx's {exporter} exporter, opset {opset}, "
                         f"{'dynamic batch/height/width' if dynamic else 'static ' + 'x'.join(map(str, x.shape))}")
@@ -930,6 +957,8 @@ def add_arguments(p) -> None:
     p.add_argument("--size", metavar="HxW", default="512x512", help="trace size of a dynamic export (default 512x512)")
     p.add_argument("--fp16", action="store_true", help="fp16 compute (LayerNorm, softmax, decoder sums in fp32)")
     p.add_argument("--exporter", choices=EXPORTERS, default="auto", help="torch.onnx exporter (default auto)")
+    p.add_argument("--attention", choices=ATTENTIONS, default="matmul",
+                   help="matmul: MatMul/Softmax/MatMul (default); op: opset 23's Attention node (--opset 23)")
     p.add_argument("--check", action="store_true", help="run the file (ONNX Runtime for onnx) against PyTorch and "
                                                         "print the error")
 
@@ -953,7 +982,7 @@ def main(args) -> int:
         if args.format == "onnx":
             report = export_onnx(model, args.out, dynamic=dynamic, example_size=size, opset=args.opset,
                                  fp16=args.fp16, batch=args.batch, check=args.check, exporter=args.exporter,
-                                 progress=say)
+                                 attention=args.attention, progress=say)
         else:
             report = export_program(model, args.out, dynamic=dynamic, example_size=size, batch=args.batch,
                                     fp16=args.fp16, aoti=args.format == "aoti", check=args.check, progress=say)

@@ -249,6 +249,20 @@ def test_dynamo_exporter(tmp_path):
         assert ex.relative_error(run(x.numpy()), run_pytorch(model, x)) < TOL
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FASTSEG_TEST_EXPORT_SLOW") != "1", reason="set FASTSEG_TEST_EXPORT_SLOW=1")
+@pytest.mark.parametrize("make", [tiny_segformer, lambda: tiny_setr("pup")], ids=["segformer", "setr"])
+def test_opset23_attention_op(tmp_path, make):
+    torch.manual_seed(0)
+    model = make()
+    report = export_onnx(model, tmp_path / "a.onnx", example_size=(64, 64), opset=23, attention="op")
+    n_attention = sum(1 for m in model.modules() if type(m).__name__ in ("SRAttention", "Attention"))
+    assert report.ops["Attention"] == n_attention
+    assert "Softmax" not in report.ops
+    parity = ex.check_parity(model, report.path, sizes=[(97, 131), (64, 64)], batch=2, runtimes=RUNTIMES)
+    assert max(parity.values()) < TOL, parity
+
+
 def test_pt2_round_trip(tmp_path):
     torch.manual_seed(0)
     model = tiny_segformer("mmseg")
@@ -331,6 +345,8 @@ def test_output_folder_errors(tmp_path, monkeypatch):
         export_onnx(model, tmp_path / "m.onnx", opset=16)
     with pytest.raises(ex.ExportError, match=">= 32"):
         export_onnx(model, tmp_path / "m.onnx", example_size=(31, 64))
+    with pytest.raises(ex.ExportError, match="needs opset >= 23"):
+        export_onnx(model, tmp_path / "m.onnx", attention="op")
     with pytest.raises(ex.ExportError, match="SegFormer or SETR"):
         export_onnx(nn.Conv2d(3, 3, 1), tmp_path / "m.onnx")
 
