@@ -169,6 +169,38 @@ def copy_into(model: torch.nn.Module, sd: dict) -> int:
     return sum(1 for k in sd if k in expected)
 
 
+def skeleton(cls, config, fused: bool):
+    """(model, on_meta): the model built on the meta device (no memory, no random initialisation),
+    or, where its constructor cannot run there, built normally. Its ``state_dict()`` gives the
+    expected names and shapes either way."""
+    try:
+        with torch.device("meta"):
+            return cls(config=config, fused=fused), True
+    except Exception:  # e.g. a constructor that reads a tensor's values
+        return cls(config=config, fused=fused), False
+
+
+def materialise(cls, config, fused: bool, built, on_meta: bool, sd: dict):
+    """(model with ``sd`` copied in, tensors loaded). When ``sd`` fills every parameter and buffer,
+    the meta model gets CPU storage and is filled: the random initialisation the weights would
+    overwrite is skipped. Otherwise (some tensors keep their initialisation) it is built normally."""
+    if on_meta:
+        expected = built.state_dict()
+        complete = all(k in sd and sd[k].shape == v.shape for k, v in expected.items()
+                       if not k.endswith("num_batches_tracked"))
+        tensors_elsewhere = len(expected) != len(list(built.parameters())) + len(list(built.buffers())) or any(
+            isinstance(v, torch.Tensor) and v.is_meta
+            for m in built.modules() for k, v in vars(m).items() if k not in ("_parameters", "_buffers"))
+        if complete and not tensors_elsewhere:
+            model = built.to_empty(device="cpu")
+            with torch.no_grad():
+                for key, value in model.state_dict().items():
+                    value.copy_(sd[key] if key in sd else torch.zeros((), dtype=value.dtype))
+            return model, sum(1 for k in sd if k in expected)
+        built = cls(config=config, fused=fused)
+    return built, copy_into(built, sd)
+
+
 # --- reading the source -----------------------------------------------------------------------------
 
 @dataclass

@@ -6,7 +6,7 @@ import re
 import warnings
 
 from . import native
-from ._common import CheckpointError, LoadReport, check_fit, copy_into, missing_message
+from ._common import CheckpointError, LoadReport, check_fit, materialise, missing_message, skeleton
 
 
 def infer_config(cls, sd: dict, title: str, hints: dict, decoder: str | None):
@@ -84,7 +84,7 @@ def load(cls, src, fmt, converted, *, num_classes=None, fused=False, decoder=Non
         cfg = cfg.replace(num_classes=num_classes)
         report.num_classes = num_classes
 
-    model = cls(config=cfg, fused=fused)
+    built, on_meta = skeleton(cls, cfg, fused)
     if reinit:
         sd = {k: v for k, v in sd.items() if not k.startswith("decoder.classifier.")}
         report.initialised.append("decoder.classifier")
@@ -98,9 +98,10 @@ def load(cls, src, fmt, converted, *, num_classes=None, fused=False, decoder=Non
     def allowed_missing(k):
         return (not has_head and k.startswith("decoder.")) or (reinit and k.startswith("decoder.classifier."))
 
-    check_fit("SegFormer", src.description, sd, model.state_dict(), allowed_missing, list(converted.unexpected),
+    expected = built.state_dict()
+    check_fit("SegFormer", src.description, sd, expected, allowed_missing, list(converted.unexpected),
               fmt.TITLE, strict, report.notes, converted.origin)
-    report.loaded = copy_into(model, sd)
+    model, report.loaded = materialise(cls, cfg, fused, built, on_meta, sd)
     model.load_report = report
     return model
 

@@ -6,7 +6,7 @@ import re
 import warnings
 
 from . import native
-from ._common import CheckpointError, LoadReport, check_fit, copy_into, missing_message
+from ._common import CheckpointError, LoadReport, check_fit, materialise, missing_message, skeleton
 
 HEAD_PREFIXES = ("decoder.", "neck.", "aux_heads.")
 
@@ -134,7 +134,7 @@ def load(cls, src, fmt, converted, *, num_classes=None, decoder=None, img_size=N
     if num_classes is not None:
         cfg = cfg.replace(num_classes=num_classes)
         report.num_classes = num_classes
-    model = cls(config=cfg, fused=fused)
+    built, on_meta = skeleton(cls, cfg, fused)
 
     if "encoder.pos_embed" in sd and stored_grid != cfg.grid:
         pos = sd["encoder.pos_embed"]
@@ -158,9 +158,10 @@ def load(cls, src, fmt, converted, *, num_classes=None, decoder=None, img_size=N
     def allowed_missing(k):
         return (not has_head and k.startswith(HEAD_PREFIXES)) or (reinit and _is_classifier(k))
 
-    check_fit("SETR", src.description, sd, model.state_dict(), allowed_missing, list(converted.unexpected),
+    expected = built.state_dict()
+    check_fit("SETR", src.description, sd, expected, allowed_missing, list(converted.unexpected),
               fmt.TITLE, strict, report.notes, converted.origin)
-    report.loaded = copy_into(model, sd)
+    model, report.loaded = materialise(cls, cfg, fused, built, on_meta, sd)
     model.load_report = report
     return model
 
