@@ -17,6 +17,10 @@ versions and shape class; entries of other versions are never used. A forced bac
 (``FASTSEG_BACKEND``, ``use_backend``) always wins over tuning. Without tuning (no
 ``fastseg.tune`` call, no ``FASTSEG_AUTOTUNE=1``) dispatch is exactly the static order.
 ``model.backends()`` and ``fastseg info`` show the tuned choices and their timings.
+
+``fastseg.tune`` is the function (exported by the package); this module's other names are
+reached with ``from fastseg.tune import load, save, clear, ...`` (``import fastseg.tune as m``
+would bind the function).
 """
 from __future__ import annotations
 
