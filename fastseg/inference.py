@@ -47,7 +47,6 @@ row interpolation is a lerp, the fused op's arithmetic is its own; see
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
