@@ -62,12 +62,25 @@ def run(args) -> dict:
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
-    if args.checkpoint:
+    hf = None
+    if args.peers:
+        from fastseg import peers
+
+        if device.type != "cpu" or args.backward or args.checkpoint:
+            raise SystemExit("fastseg bench --peers: the peers are CPU runtimes of a random-init --variant; "
+                             "use it on CPU, for inference, without --checkpoint")
+        if peers.missing("transformers"):
+            raise SystemExit("fastseg bench --peers needs transformers (pip install fastseg[bench])")
+        from fastseg.models.config import SegFormerConfig
+
+        hf = peers.hf_model(SegFormerConfig.from_variant(args.variant, num_classes=args.num_classes or 150), args.seed)
+        base = SegFormer.from_hf(hf)
+    elif args.checkpoint:
         base = SegFormer.from_pretrained(args.checkpoint, num_classes=args.num_classes)
     else:
         torch.manual_seed(args.seed)
         base = SegFormer(args.variant, num_classes=args.num_classes or 150)
-    base = base.to(device=device, dtype=dtype)
+    base = base.to(device=device)
     base.train(args.backward)
     if args.backward:
         # Training mode without stochastic layers, so every mode computes the same function.
@@ -76,20 +89,20 @@ def run(args) -> dict:
         for m in base.modules():
             if isinstance(m, (DropPath, torch.nn.Dropout, torch.nn.Dropout2d)):
                 m.p = 0.0
-    x = generated_image(args.height, args.width, args.seed).repeat(args.batch, 1, 1, 1).to(device=device, dtype=dtype)
+    x32 = generated_image(args.height, args.width, args.seed).repeat(args.batch, 1, 1, 1).to(device=device)
+    x = x32.to(dtype)
 
     import copy
 
     low_precision = dtype != torch.float32
     gold = None
     if low_precision:  # the fp32 gold every low-precision mode is judged against (fastseg.parity)
-        gold_model = copy.deepcopy(base).float()
         with torch.inference_mode():
-            gold = gold_model(x.float()).detach().clone()
-        del gold_model
+            gold = base(x32).detach().clone()
+    fp32_base = base
+    base = copy.deepcopy(base).to(dtype) if low_precision else base
 
     modes = {"eager": base, "fused": copy.deepcopy(base).set_fused(True)}
-    compile_s = None
     if args.compile:
         modes["compile"] = torch.compile(copy.deepcopy(base))
 
@@ -105,33 +118,68 @@ def run(args) -> dict:
                     model(x)
         return fn
 
+    def output(model):
+        def fn():
+            with torch.inference_mode():
+                return model(x)
+        return fn
+
+    # Every row: a timed call and a call that returns its logits (for parity).
+    rows = {name: (step(model), output(model)) for name, model in modes.items()}
+    notes = []
+    tmp = None
+    if args.peers:
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory(prefix="fastseg-bench-")
+        say = (lambda t: None) if args.quiet else (lambda t: print(f"[peers] {t}", file=sys.stderr))
+        peer_rows, notes = peers.runners(fp32_base.eval(), hf, x32, dtype, Path(tmp.name), compile=args.compile,
+                                         progress=say)
+        rows.update({name: (fn, fn) for name, fn in peer_rows.items()})
+
     from tqdm import tqdm
 
-    total = len(modes) * (args.warmup + args.repeats)
-    results, reference = [], None
+    results, compile_s = {}, None
+    total = len(rows) * (2 + args.warmup + args.repeats)
     with tqdm(total=total, desc=f"SegFormer-{base.variant or 'custom'} {args.height}x{args.width}",
               unit="run", file=sys.stderr, disable=args.quiet) as bar:
-        for name, model in modes.items():
+        for name, (timed, out_fn) in rows.items():  # first calls (compiles), parity and memory
             bar.set_postfix_str(name)
+            t0 = time.perf_counter()
+            out = out_fn().detach().float().clone()
             if name == "compile":
-                t0 = time.perf_counter()
-                with torch.inference_mode() if not args.backward else torch.enable_grad():
-                    model(x)
                 compile_s = time.perf_counter() - t0
-            with torch.inference_mode():
-                out = model(x).detach().clone()
-            if reference is None:
-                reference = out if gold is None else gold
+            reference = gold if gold is not None else (out if name == "eager" else results["eager"]["out"])
             with PeakMemory(device) as mem:
-                step(model)()
-            times = measure(step(model), device, args.warmup, args.repeats, on_step=bar.update)
-            ms = median(times)
-            results.append({"mode": name, "median_ms": ms, "min_ms": min(times), "max_ms": max(times),
-                            "images_per_s": args.batch / (ms / 1e3), "peak_mem_mb": mem.peak / 2**20,
-                            **parity.errors(out, reference)})
+                timed()
+            bar.update(2)
+            results[name] = {"out": out, "peak_mem_mb": mem.peak / 2**20, "times": [],
+                             **parity.errors(out, reference)}
+        # Interleaved: every round calls each row once, in an order that rotates, so drift in
+        # the machine's speed (other load, clocks) falls on every row alike.
+        names = list(rows)
+        for r in range(args.warmup + args.repeats):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                ms = median(measure(rows[name][0], device, warmup=0, repeats=1))
+                if r >= args.warmup:
+                    results[name]["times"].append(ms)
+                bar.update()
+    if tmp is not None:
+        tmp.cleanup()
+    out_rows = []
+    for name, r in results.items():
+        times = r.pop("times")
+        r.pop("out")
+        ms = median(times)
+        out_rows.append({"mode": name, "median_ms": ms, "min_ms": min(times), "max_ms": max(times),
+                         "images_per_s": args.batch / (ms / 1e3), **r})
+    results = out_rows
     eager_ms = results[0]["median_ms"]
+    fused_ms = next(r["median_ms"] for r in results if r["mode"] == "fused")
     for r in results:
         r["speedup"] = eager_ms / r["median_ms"]
+        r["fused_speedup_over"] = r["median_ms"] / fused_ms  # how many times faster fused is than this row
         if r["mode"] == "eager" and not low_precision:
             r["parity"], r["parity_note"] = True, "the reference"
         else:
@@ -149,6 +197,8 @@ def run(args) -> dict:
                    "warmup": args.warmup, "repeats": args.repeats},
         "backends": {op: c.backend for op, c in fused.backends().items()},
         "compile_s": compile_s,
+        "timing": f"median of {args.repeats} interleaved rounds (order rotating) after {args.warmup} warm-up rounds",
+        "notes": notes,
         "peak_mem_note": "CUDA allocator peak" if device.type == "cuda" else "process RSS peak (sampled)",
         "parity_rule": (f"errors against an fp32 gold (eager fp32, same input); pass: finite and RMS error <= "
                         f"{parity.LOW_PRECISION_FACTOR:g}x eager {args.dtype}'s own" if low_precision else
@@ -161,12 +211,14 @@ def run(args) -> dict:
 def table(record: dict) -> str:
     low = record["config"]["dtype"] != "fp32"
     vs = "vs fp32 gold" if low else "vs eager"
-    lines = [f"| mode | median ms | images/s | speedup | max rel err {vs} | RMS rel err {vs} | argmax agree {vs} | "
-             f"parity | peak mem MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines = [f"| mode | median ms | images/s | speedup over eager | fused speedup over it | max rel err {vs} | "
+             f"RMS rel err {vs} | argmax agree {vs} | parity | peak mem MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in record["results"]:
         verdict = "ok" if r.get("parity", True) else "FAILED"
+        over = r.get("fused_speedup_over")
         lines.append(f"| {r['mode']} | {r['median_ms']:.2f} | {r['images_per_s']:.2f} | {r['speedup']:.2f}x | "
+                     f"{'–' if over is None else f'{over:.2f}x'} | "
                      f"{r['max_rel_err']:.1e} | {r.get('rms_rel_err', float('nan')):.1e} | "
                      f"{100 * r['argmax_agreement']:.3f}% | {verdict} | {r['peak_mem_mb']:.0f} |")
     return "\n".join(lines)
@@ -188,8 +240,11 @@ def plot(record: dict, path: Path) -> None:
 
     names = [r["mode"] for r in record["results"]]
     ms = [r["median_ms"] for r in record["results"]]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    bars = ax.bar(names, ms, color=["#888888", "#2a7ab0", "#d08c2a"][: len(names)])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names)), 3.6))
+    palette = {"eager": "#888888", "fused": "#2a7ab0", "compile": "#d08c2a"}
+    bars = ax.bar(names, ms, color=[palette.get(n, "#6a9a48") for n in names])
+    if len(names) > 3:
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     for bar, r in zip(bars, record["results"]):
         ax.annotate(f"{r['median_ms']:.1f} ms\n{r['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8)
@@ -223,6 +278,9 @@ def write(record: dict, out_dir: Path, make_plot: bool = True) -> dict:
         md.append(f"- parity: {record['parity_rule']}")
     if record["compile_s"] is not None:
         md.append(f"- torch.compile time (excluded from timings): {record['compile_s']:.1f} s")
+    if "timing" in record:
+        md.append(f"- timing: {record['timing']}")
+    md += [f"- note: {n}" for n in record.get("notes", [])]
     md += ["", table(record), ""]
     with atomic_write(paths["md"], "w") as f:
         f.write("\n".join(md))
@@ -276,6 +334,9 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     p.add_argument("--compile", action="store_true", help="add torch.compile of the eager model (compile time excluded)")
     p.add_argument("--backward", action="store_true", help="time forward + backward (a training step) instead of inference")
+    p.add_argument("--peers", action="store_true",
+                   help="add HF eager (+ compile), HF's ONNX and fastseg's ONNX in ONNX Runtime and OpenVINO, on the "
+                        "same random-init HF weights (CPU, inference; needs fastseg[bench])")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -296,6 +357,9 @@ def main(args) -> int:
         print(f"torch.compile took {record['compile_s']:.1f} s (not in the timings)")
     print(table(record))
     print(f"parity: {record['parity_rule']}")
+    print(f"timing: {record['timing']}")
+    for n in record["notes"]:
+        print(f"note: {n}")
     out_dir = Path(args.out)
     paths = write(record, out_dir, make_plot=not args.no_plot)
     update_summary(out_dir.parent / "README.md", out_dir)

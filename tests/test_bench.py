@@ -44,3 +44,32 @@ def test_benchmark_suite_quick_mode_runs():
     assert "fastseg: fused vs eager" in proc.stdout
     for group in ("sr_attention", "dwconv3x3_gelu", "decoder", "overlap_patch_embed", "SegFormer forward"):
         assert group in proc.stdout
+
+
+def test_fastseg_bench_peers_rows_share_the_weights(tmp_path, capsys):
+    """--peers: HF eager and both ONNX files in both runtimes, on the same weights and input,
+    every row judged by the parity rule, and fused's ratio over each row recorded."""
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    code = main(["bench", "--height", "64", "--width", "96", "--repeats", "1", "--warmup", "0", "--peers",
+                 "--out", str(tmp_path), "--quiet", "--no-plot"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    rows = {r["mode"]: r for r in record["results"]}
+    assert set(rows) == {"eager", "fused", "HF eager", "HF ONNX onnxruntime", "fastseg ONNX onnxruntime",
+                         "HF ONNX openvino", "fastseg ONNX openvino"}
+    for r in rows.values():
+        assert r["parity"] and r["max_rel_err"] < 1e-4, r
+        assert r["fused_speedup_over"] > 0
+    assert rows["fused"]["fused_speedup_over"] == 1.0
+    assert "interleaved" in record["timing"] and record["notes"] == []
+
+
+def test_fastseg_bench_peers_refuses_what_it_cannot_compare(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="--peers"):
+        main(["bench", "--height", "64", "--width", "64", "--peers", "--backward", "--out", str(tmp_path), "--quiet"])
