@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import warnings
 
 import pytest
 import torch
@@ -25,8 +24,9 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 transformers = pytest.importorskip("transformers")
 
-from fastseg import SegFormer, export_onnx  # noqa: E402
+from fastseg import SegFormer, export_onnx, peers  # noqa: E402
 from fastseg import export as ex  # noqa: E402
+from fastseg.models.config import SegFormerConfig  # noqa: E402
 
 try:
     import openvino  # noqa: F401
@@ -42,38 +42,14 @@ else:
     CASES = [("b0", 512)]
 ROUNDS = 1 if QUICK else 12  # interleaved pairs per (variant, runtime)
 
-HF_CONFIGS = {  # transformers' SegformerConfig for nvidia/mit-b0 / mit-b2 (+ the 150-class head)
-    "b0": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], decoder_hidden_size=256),
-    "b2": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 6, 3], decoder_hidden_size=768),
-}
 _files: dict = {}
 
 
-class _Logits(torch.nn.Module):
-    """HF's model with the image batch in and the logits tensor out."""
-
-    def __init__(self, hf):
-        super().__init__()
-        self.hf = hf
-
-    def forward(self, pixel_values):
-        return self.hf(pixel_values=pixel_values).logits
-
-
 def files(variant: str, size: int, folder) -> dict:
-    """{"hf": path, "fastseg": path} for one set of random weights."""
+    """{"hf": path, "fastseg": path} for one set of random weights (fastseg.peers builds both)."""
     if variant not in _files:
-        torch.manual_seed(0)
-        cfg = transformers.SegformerConfig(num_labels=150, **HF_CONFIGS[variant])
-        hf = transformers.SegformerForSemanticSegmentation(cfg).eval()
-        x = torch.randn(1, 3, size, size)
-        hf_path = folder / f"hf_{variant}.onnx"
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_Logits(hf), (x,), str(hf_path), dynamo=False, opset_version=18,
-                              input_names=["pixel_values"], output_names=["logits"],
-                              dynamic_axes={"pixel_values": {0: "batch", 2: "height", 3: "width"},
-                                            "logits": {0: "batch", 2: "h", 3: "w"}})
+        hf = peers.hf_model(SegFormerConfig.from_variant(variant, num_classes=150), seed=0)
+        hf_path = peers.export_hf_onnx(hf, folder / f"hf_{variant}.onnx", torch.randn(1, 3, size, size))
         fs_path = folder / f"fastseg_{variant}.onnx"
         export_onnx(SegFormer.from_hf(hf).eval(), fs_path, example_size=(size, size))
         _files[variant] = {"hf": hf_path, "fastseg": fs_path}
