@@ -666,7 +666,7 @@ def export_onnx(model, path, *, dynamic: bool = True, example_size=(512, 512), o
     per layer; needs opset >= 23 and the dynamo exporter).
     Returns an :class:`ExportReport`; raises :class:`ExportError` on bad options.
     """
-    kind = model_kind(model)
+    model_kind(model)  # refuses anything but a SegFormer or SETR before any work
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset >= {MIN_OPSET}")
     size = _parse_size(example_size)
@@ -838,7 +838,7 @@ def export_program(model, path, *, dynamic: bool = True, example_size=(512, 512)
     guards that no map shrinks to one token (H, W >= 33, and stage 1's spatial-reduction grid
     more than 1×1, e.g. not both H, W < 61 for SegFormer); the report lists the ranges it kept.
     """
-    kind = model_kind(model)
+    model_kind(model)  # refuses anything but a SegFormer or SETR before any work
     size = _parse_size(example_size)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ExportError(f"batch must be a positive integer, got {batch!r}")

@@ -116,15 +116,7 @@ def segment(model, images: torch.Tensor, *, mode: str = "whole", crop=None, stri
     ``scales`` are resize ratios of ``images``; ``flip`` adds a horizontally flipped pass per
     scale. Call under ``torch.no_grad()`` / autocast as needed; the model should be in eval mode.
     """
-    if mode not in ("whole", "slide"):
-        raise ValueError(f"unknown inference mode {mode!r}; choose 'whole' or 'slide'")
-    if mode == "slide" and (crop is None or stride is None):
-        raise ValueError("slide inference needs crop and stride")
-    if images.ndim != 4:
-        raise ValueError(f"expected images (B, 3, H, W), got shape {tuple(images.shape)}")
-    scales = tuple(float(s) for s in scales)
-    if not scales or min(scales) <= 0:
-        raise ValueError(f"scales must be positive ratios, got {scales}")
+    scales = _check_segment_args(mode, crop, stride, images, scales)
     H, W = images.shape[-2:]
     out_size = (H, W) if out_size is None else tuple(out_size)
     probs, n = None, 0

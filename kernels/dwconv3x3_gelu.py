@@ -432,7 +432,7 @@ def aot_variants():
     fastseg.kernels.aot_check). Every tile config in every dtype with the model's flags (bias,
     exact GELU, weights in x's dtype); the other flag / weight-dtype combinations at the tile
     SegFormer's widths get (BLOCK_C 64 forward, 32 backward, BLOCK_W 8)."""
-    B, H, W, C = 2, 128, 128, 256
+    H, W, C = 128, 128, 256
     N = H * W
     for name in ("fp32", "fp16", "bf16"):
         ptr = "*" + name

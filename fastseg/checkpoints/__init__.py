@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 from fastseg.io import CheckpointError
 
-from . import _segformer, _setr, registry
+from . import _segformer, _setr, native, registry
 from ._common import ConversionError, LoadReport, Source, preview, read_source
 from .registry import FORMATS, TARGETS
 

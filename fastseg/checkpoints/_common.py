@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from fastseg.version import __version__
 from fastseg.io import (
     CheckpointError,
     atomic_write,
@@ -327,3 +328,15 @@ def cpu_state(tensors: dict) -> dict:
 
 __all__ = ["CheckpointError", "ConversionError", "Converted", "LoadReport", "Rules", "Source", "read_source",
            "save_json_atomic", "save_safetensors_atomic", "save_torch_atomic", "save_weights_file"]
+
+
+def write_mmseg_pth(path: Path, tensors: dict, config, overwrite: bool) -> Path:
+    """An mmseg-1.x checkpoint: ``{"meta", "state_dict"}`` in a .pth, written atomically."""
+    path = Path(path)
+    if path.suffix.lower() not in (".pth", ".pt"):
+        raise ValueError(f"{path}: an mmseg checkpoint is a .pth file")
+    refuse_existing(path, overwrite)
+    meta = {"converted_by": f"fastseg {__version__}",
+            "dataset_meta": {"classes": [f"class_{i}" for i in range(config.num_classes)]}}
+    save_torch_atomic({"meta": meta, "state_dict": cpu_state(tensors)}, path)
+    return path

@@ -13,11 +13,9 @@ Logits: PUP at full resolution, Naive and MLA at 1/4 (mmseg then resizes them to
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-from fastseg.version import __version__
 
-from ._common import Converted, Rules, cpu_state, has_key, refuse_existing, save_torch_atomic
+from ._common import Converted, Rules, has_key, write_mmseg_pth
 
 NAME = "mmseg"
 FAMILY = "setr"
@@ -116,12 +114,5 @@ def from_fastseg(state: dict, config) -> tuple[dict, list[str]]:
     return out, notes
 
 
-def write(path: Path, tensors: dict, config, overwrite: bool) -> Path:
-    path = Path(path)
-    if path.suffix.lower() not in (".pth", ".pt"):
-        raise ValueError(f"{path}: an mmseg checkpoint is a .pth file")
-    refuse_existing(path, overwrite)
-    meta = {"converted_by": f"fastseg {__version__}",
-            "dataset_meta": {"classes": [f"class_{i}" for i in range(config.num_classes)]}}
-    save_torch_atomic({"meta": meta, "state_dict": cpu_state(tensors)}, path)
-    return path
+# mmseg-1.x checkpoints of either model are the same {meta, state_dict} .pth.
+write = write_mmseg_pth
