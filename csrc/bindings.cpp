@@ -18,6 +18,7 @@
 #include <Python.h>
 
 #include "overlap_patch_embed.h"
+#include "decoder_head.h"
 #include "upsample_argmax.h"
 
 #include <torch/library.h>
@@ -40,12 +41,18 @@ TORCH_LIBRARY(fastseg_ext, m) {
   // Fused bilinear upsample (align_corners=False) + argmax over K, inference only (CPU kernel:
   // upsample_argmax_cpu.cpp): (labels (B, H, W) int64, scores (B, H, W) or empty (0, H, W)).
   m.def("upsample_argmax_fwd(Tensor logits, int H, int W, bool return_scores) -> (Tensor, Tensor)");
+  // The decoder head, inference form, over bands of output rows (CPU kernel: decoder_head_cpu.cpp):
+  // [ReLU](sum of resized maps + x @ x_weight^T + bias) [@ cls_weight^T + cls_bias] -> (B, H, W, K or E).
+  m.def(
+      "decoder_head_fwd(Tensor[] maps, Tensor? x, Tensor? x_weight, int H, int W, Tensor? bias, bool relu, "
+      "Tensor? cls_weight, Tensor? cls_bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastseg_ext, CPU, m) {
   m.impl("overlap_patch_embed_fwd", &fastseg::overlap_patch_embed_fwd_cpu);
   m.impl("overlap_patch_embed_bwd", &fastseg::overlap_patch_embed_bwd_cpu);
   m.impl("upsample_argmax_fwd", &fastseg::upsample_argmax_fwd_cpu);
+  m.impl("decoder_head_fwd", &fastseg::decoder_head_fwd_cpu);
 }
 
 // A packed (oneDNN-layout) weight makes the call dispatch on MkldnnCPU: the same CPU kernel.

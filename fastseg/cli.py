@@ -21,6 +21,9 @@ def info(args) -> int:
     cuda = torch.cuda.is_available()
     print(f"CUDA: {torch.cuda.get_device_name(0) if cuda else 'not available'}")
     print(f"forced backend (FASTSEG_BACKEND): {dispatch.forced_backend() or 'none'}")
+    from fastseg import cpu_allocator
+
+    print(f"CPU malloc ({cpu_allocator.ENV}): {cpu_allocator.keep_freed_memory()}")
     tuning = sys.modules["fastseg.tune"]  # fastseg.tune is the function; this is its module
     tuning.install()  # the disk cache's tuned choices show in the lines below
     print(f"tuned dispatch: {len(tuning.summary_lines())} tuned (op, shape class) for these versions in "

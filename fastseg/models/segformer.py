@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastseg import checkpoints, ops
+from fastseg import checkpoints, cpu_allocator, ops
 from fastseg.models.config import VARIANTS, SegFormerConfig
 
 # The stage-1 spatial-reduction conv has an 8×8 kernel over the 1/4-resolution map.
@@ -202,8 +202,11 @@ class AllMLPDecoder(nn.Module):
         if self.fused:
             Ms, b = folded_weights(self, lambda: ops.fold_mlp_head(
                 self.linear_c, self.linear_fuse.weight, None if self.training else self.bn))
-            maps = [F.linear(f.permute(0, 2, 3, 1), M) for f, M in zip(feats, Ms)]
-            return finish_fused_head(self, maps, b, feats[0].shape[2:])
+            cl = [f.permute(0, 2, 3, 1) for f in feats]
+            # Stage 1 is already at output size: its projection joins the sum inside the op
+            # (which may build it one band at a time); the others are projected here, small.
+            maps = [F.linear(f, M) for f, M in zip(cl[1:], Ms[1:])]
+            return finish_fused_head(self, maps, b, feats[0].shape[2:], project=(cl[0], Ms[0]))
         B, _, H, W = feats[0].shape
         outs = []
         for f, linear in zip(feats, self.linear_c):
@@ -287,8 +290,9 @@ def folded_weights(head: nn.Module, fold):
     return cached[1]
 
 
-def finish_fused_head(head: nn.Module, maps, bias, out_hw) -> torch.Tensor:
-    """Resize-and-sum the projected maps (B, hᵢ, wᵢ, E); then BN + ReLU + classifier.
+def finish_fused_head(head: nn.Module, maps, bias, out_hw, project=None) -> torch.Tensor:
+    """Resize-and-sum the projected maps (B, hᵢ, wᵢ, E) and ``project``'s projection (see
+    :func:`fastseg.ops.upsample_sum`); then BN + ReLU + classifier.
 
     Eval: BN is already folded into the maps and ``bias``, so ReLU and the classifier run inside
     the fused op. Training: BN needs the batch statistics of the sum, so it runs after it (the
@@ -297,14 +301,14 @@ def finish_fused_head(head: nn.Module, maps, bias, out_hw) -> torch.Tensor:
     """
     cls = head.classifier
     if head.training:
-        y = ops.upsample_sum(maps, out_hw, bias).permute(0, 3, 1, 2)
+        y = ops.upsample_sum(maps, out_hw, bias, project=project).permute(0, 3, 1, 2)
         return cls(head.dropout(F.relu(head.bn(y))))
     if torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters()):
         # Eval with autograd on (e.g. explaining a model): ReLU and classifier as stock ops after
         # the differentiable resize-sum, since the all-in-one kernel has no backward.
-        y = F.relu(ops.upsample_sum(maps, out_hw, bias))
+        y = F.relu(ops.upsample_sum(maps, out_hw, bias, project=project))
         return F.linear(y, cls.weight.flatten(1), cls.bias).permute(0, 3, 1, 2)
-    logits = ops.upsample_sum(maps, out_hw, bias, relu=True,
+    logits = ops.upsample_sum(maps, out_hw, bias, relu=True, project=project,
                               classifier_weight=cls.weight.flatten(1), classifier_bias=cls.bias)
     return logits.permute(0, 3, 1, 2)
 
@@ -439,6 +443,8 @@ class SegFormer(FusedSwitch, nn.Module):
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: (B, 3, H, W) → the four stage features (B, Cᵢ, H/4ᵢ, W/4ᵢ) at strides 4, 8, 16, 32."""
         check_images(x, self)
+        if self.fused and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            cpu_allocator.ensure()  # once per process: large activations reuse freed memory
         return self.encoder(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastseg import ops
+from fastseg import cpu_allocator, ops
 from fastseg.models.segformer import DropPath, FusedSwitch, check_image_batch, folded_weights
 
 # name: (embed dim, depth, heads). Head dim 64 throughout.
@@ -637,6 +637,8 @@ class SETR(FusedSwitch, nn.Module):
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: (B, 3, H, W) → the raw block outputs at ``out_indices``: 4 × (B, C, ceil(H/16), ceil(W/16))."""
         check_images(x, self)
+        if self.fused and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            cpu_allocator.ensure()  # once per process: large activations reuse freed memory
         return self.encoder(x)
 
     def forward(self, x: torch.Tensor):

@@ -30,9 +30,15 @@ def _resize(m: torch.Tensor, out_hw) -> torch.Tensor:
     return up.permute(0, 2, 3, 1)
 
 
-def upsample_sum_reference(maps, out_hw, bias=None, relu=False, classifier_weight=None, classifier_bias=None):
-    """Plain math: s = Σ resize(mapᵢ) + bias; ReLU; logits = s Wᵀ + b.  maps: (B, hᵢ, wᵢ, E)."""
-    y = sum(_resize(m, out_hw) for m in maps)
+def _projected(maps, project):
+    """``maps`` with the projection ``x Wᵀ`` of ``project = (x, W)`` computed in front (or as is)."""
+    return maps if project is None else [F.linear(*project), *maps]
+
+
+def upsample_sum_reference(maps, out_hw, bias=None, relu=False, classifier_weight=None, classifier_bias=None,
+                           project=None):
+    """Plain math: s = x Wᵀ + Σ resize(mapᵢ) + bias; ReLU; logits = s Wclsᵀ + bcls.  maps: (B, hᵢ, wᵢ, E)."""
+    y = sum(_resize(m, out_hw) for m in _projected(maps, project))
     if bias is not None:
         y = y + bias.to(y.dtype)
     if relu:
@@ -63,21 +69,22 @@ def _resize_rows(m: torch.Tensor, out_hw, r0: int, r1: int) -> torch.Tensor:
     return band if w == W else _resize(band, (r1 - r0, W))
 
 
-def _upsample_sum_banded(maps, out_hw, bias, relu, classifier_weight, classifier_bias):
+def _upsample_sum_banded(maps, out_hw, bias, relu, classifier_weight, classifier_bias, project):
     """Inference form of :func:`upsample_sum_torch` over bands of output rows: the resized
-    E-channel maps exist one band at a time, and only the result is full size (for the classifier
-    form: K channels, not E)."""
+    E-channel maps (and the projection ``project``) exist one band at a time, and only the result
+    is full size (for the classifier form: K channels, not E)."""
     H, W = out_hw
-    B, E = maps[0].shape[0], maps[0].shape[3]
+    B, E = _batch_and_channels(maps, project)
     C = E if classifier_weight is None else classifier_weight.shape[0]
-    out = maps[0].new_empty((B, H, W, C))
+    out = (maps[0] if maps else project[0]).new_empty((B, H, W, C), dtype=_compute_dtype(maps, project))
     rows = max(1, BAND_ELEMENTS // max(1, B * W * E))
     for r0 in range(0, H, rows):
         r1 = min(H, r0 + rows)
-        y = _resize_rows(maps[0], out_hw, r0, r1).clone() if len(maps) == 1 else (
-            _resize_rows(maps[0], out_hw, r0, r1) + _resize_rows(maps[1], out_hw, r0, r1))
-        for m in maps[2:]:
-            y.add_(_resize_rows(m, out_hw, r0, r1))
+        parts = ([F.linear(project[0][:, r0:r1], project[1])] if project is not None else []) + [
+            _resize_rows(m, out_hw, r0, r1) for m in maps]
+        y = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
+        for part in parts[2:]:
+            y.add_(part)
         if bias is not None:
             y.add_(bias.to(y.dtype))
         if relu:
@@ -88,7 +95,22 @@ def _upsample_sum_banded(maps, out_hw, bias, relu, classifier_weight, classifier
     return out
 
 
-def upsample_sum_torch(maps, out_hw, bias=None, relu=False, classifier_weight=None, classifier_bias=None):
+def _compute_dtype(maps, project) -> torch.dtype:
+    """The sum's dtype: the maps', or without maps that of ``F.linear(*project)`` (autocast's)."""
+    if maps:
+        return maps[0].dtype
+    device = project[0].device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else project[0].dtype
+
+
+def _batch_and_channels(maps, project) -> tuple[int, int]:
+    if project is not None:
+        return project[0].shape[0], project[1].shape[0]
+    return maps[0].shape[0], maps[0].shape[3]
+
+
+def upsample_sum_torch(maps, out_hw, bias=None, relu=False, classifier_weight=None, classifier_bias=None,
+                       project=None):
     """Stock ops on channels-last views: one fresh full-resolution buffer, summed into in place.
 
     Without autograd (inference), when one resized map is larger than a band, the
@@ -98,11 +120,11 @@ def upsample_sum_torch(maps, out_hw, bias=None, relu=False, classifier_weight=No
     at once. The result matches the unbanded one to rounding (the rows are interpolated by a
     lerp here instead of inside F.interpolate).
     """
-    tensors = [*maps, bias, classifier_weight, classifier_bias]
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    B, E = maps[0].shape[0], maps[0].shape[3]
-    if not needs_grad and B * out_hw[0] * out_hw[1] * E > BAND_ELEMENTS and out_hw[0] > 1:
-        return _upsample_sum_banded(maps, tuple(out_hw), bias, relu, classifier_weight, classifier_bias)
+    B, E = _batch_and_channels(maps, project)
+    if not _needs_grad(maps, bias, classifier_weight, classifier_bias, project) and (
+            B * out_hw[0] * out_hw[1] * E > BAND_ELEMENTS and out_hw[0] > 1):
+        return _upsample_sum_banded(maps, tuple(out_hw), bias, relu, classifier_weight, classifier_bias, project)
+    maps = _projected(maps, project)
     y = _resize(maps[0], out_hw)
     y = y + _resize(maps[1], out_hw) if len(maps) > 1 else y.clone()
     for m in maps[2:]:
@@ -179,8 +201,10 @@ class UpsampleSumFunction(torch.autograd.Function):
         return (None, None, dbias, *dmaps)
 
 
-def upsample_sum_triton(maps, out_hw, bias=None, relu=False, classifier_weight=None, classifier_bias=None):
+def upsample_sum_triton(maps, out_hw, bias=None, relu=False, classifier_weight=None, classifier_bias=None,
+                        project=None):
     H, W = out_hw
+    maps = _projected(maps, project)
     if relu or classifier_weight is not None:  # inference form: no backward (see _triton_reasons)
         return torch.ops.fastseg.upsample_sum_fwd(maps, H, W, bias, relu, classifier_weight, classifier_bias)
     return UpsampleSumFunction.apply(H, W, bias, *maps)
@@ -197,35 +221,118 @@ def _triton_reasons(device: torch.device, dtype: torch.dtype, needs_grad: bool =
     return reasons + triton_device_reasons(device, dtype)
 
 
-def check_maps(maps, out_hw) -> None:
-    if not isinstance(maps, (list, tuple)) or not 1 <= len(maps) <= 4:
-        raise ValueError(f"upsample_sum: expected a list of 1 to 4 maps, got {type(maps).__name__}")
-    first = maps[0]
+def check_maps(maps, out_hw, project=None) -> None:
+    if not isinstance(maps, (list, tuple)) or not (0 if project is not None else 1) <= len(maps) <= 4:
+        raise ValueError(f"upsample_sum: expected a list of 1 to 4 maps, got "
+                         f"{len(maps) if isinstance(maps, (list, tuple)) else type(maps).__name__}")
+    if len(out_hw) != 2 or min(out_hw) < 1:
+        raise ValueError(f"upsample_sum: bad output size {out_hw}")
+    if project is not None:
+        if not isinstance(project, (tuple, list)) or len(project) != 2:
+            raise ValueError("upsample_sum: project must be a pair (x (B, H, W, C), weight (E, C))")
+        x, weight = project
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:3]) != tuple(out_hw):
+            raise ValueError(f"upsample_sum: project's x must be (B, {out_hw[0]}, {out_hw[1]}, C), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.shape[1] != x.shape[3]:
+            raise ValueError(f"upsample_sum: project's weight must be (E, {x.shape[3]}), got "
+                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    B, E = _batch_and_channels(maps, project)
+    first = maps[0] if maps else project[0]
     for i, m in enumerate(maps):
         if not isinstance(m, torch.Tensor) or m.ndim != 4:
             raise ValueError(f"upsample_sum: map {i} must be a (B, h, w, E) tensor")
-        if m.shape[0] != first.shape[0] or m.shape[3] != first.shape[3]:
-            raise ValueError(f"upsample_sum: map {i} has shape {tuple(m.shape)}, expected batch "
-                             f"{first.shape[0]} and {first.shape[3]} channels like map 0")
+        if m.shape[0] != B or m.shape[3] != E:
+            raise ValueError(f"upsample_sum: map {i} has shape {tuple(m.shape)}, expected batch {B} and {E} channels")
         if m.dtype != first.dtype or m.device != first.device:
-            raise TypeError(f"upsample_sum: map {i} is {m.dtype} on {m.device}, map 0 is {first.dtype} on {first.device}")
-    if len(out_hw) != 2 or min(out_hw) < 1:
-        raise ValueError(f"upsample_sum: bad output size {out_hw}")
+            raise TypeError(f"upsample_sum: map {i} is {m.dtype} on {m.device}, expected {first.dtype} on {first.device}")
+    if project is not None and (project[0].device != first.device or project[1].device != first.device):
+        raise ValueError(f"upsample_sum: project's tensors are on {project[0].device}/{project[1].device}, "
+                         f"the maps on {first.device}")
 
 
-def upsample_sum(maps, out_hw, bias=None, relu=False, classifier_weight=None, classifier_bias=None):
+def _needs_grad(maps, bias, classifier_weight, classifier_bias, project) -> bool:
+    tensors = [*maps, bias, classifier_weight, classifier_bias, *(project or ())]
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def upsample_sum(maps, out_hw, bias=None, relu=False, classifier_weight=None, classifier_bias=None, project=None):
     """Resize every map to ``out_hw``, sum, add ``bias``, optionally ReLU and a classifier.
 
-    maps: 1–4 tensors (B, hᵢ, wᵢ, E) (channels-last images; a map already at ``out_hw`` is added
-    as is); bias: (E,); classifier_weight: (K, E), classifier_bias: (K,).
+    maps: 0–4 tensors (B, hᵢ, wᵢ, E) (channels-last images; a map already at ``out_hw`` is added
+    as is); bias: (E,); classifier_weight: (K, E), classifier_bias: (K,); project: an optional
+    pair (x (B, H, W, C), weight (E, C)) whose projection ``x weightᵀ`` joins the sum — a map at
+    full size that backends may build one band at a time instead of whole.
     Returns (B, H, W, E), or (B, H, W, K) logits with a classifier. Differentiable.
     """
-    check_maps(maps, out_hw)
-    tensors = [*maps, bias, classifier_weight, classifier_bias]
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    impl = dispatch.resolve("decoder_upsample_fuse", device=maps[0].device, dtype=maps[0].dtype,
-                            needs_grad=needs_grad, inference_form=relu or classifier_weight is not None)
-    return impl(list(maps), tuple(out_hw), bias, relu, classifier_weight, classifier_bias)
+    check_maps(maps, out_hw, project)
+    first = maps[0] if maps else project[0]
+    impl = dispatch.resolve("decoder_upsample_fuse", device=first.device, dtype=_compute_dtype(maps, project),
+                            needs_grad=_needs_grad(maps, bias, classifier_weight, classifier_bias, project),
+                            inference_form=relu or classifier_weight is not None)
+    return impl(list(maps), tuple(out_hw), bias, relu, classifier_weight, classifier_bias,
+                project=None if project is None else tuple(project))
+
+
+# --- cpp backend (inference) ----------------------------------------------------------------------
+
+CPP_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _extension():
+    from fastseg.ops.overlap_patch_embed import extension
+
+    return extension()
+
+
+def _has_cpp_op() -> bool:
+    return not isinstance(_extension(), str) and hasattr(torch.ops.fastseg_ext, "decoder_head_fwd")
+
+
+def upsample_sum_cpp(maps, out_hw, bias=None, relu=False, classifier_weight=None, classifier_bias=None,
+                     project=None):
+    """The extension's banded head (``csrc/decoder_head_cpu.cpp``): per band of output rows, the
+    projection, the bilinear taps of every map, bias + ReLU and the classifier GEMM, so neither
+    the full-size E-channel projection nor any resized map exists. Inference only."""
+    dtype = _compute_dtype(maps, project)
+    x, weight = (None, None) if project is None else (project[0].to(dtype).contiguous(),
+                                                      project[1].to(dtype).contiguous())
+    cls_w = None if classifier_weight is None else classifier_weight.to(dtype)
+    cls_b = None if classifier_weight is None or classifier_bias is None else classifier_bias.to(dtype)
+    return torch.ops.fastseg_ext.decoder_head_fwd(
+        [m.contiguous() for m in maps], x, weight, out_hw[0], out_hw[1],
+        None if bias is None else bias.float(), relu, cls_w, cls_b)
+
+
+def _cpp_reasons(device: torch.device, dtype: torch.dtype, needs_grad: bool = False, **_) -> list[str]:
+    if not _has_cpp_op():
+        ext = _extension()
+        return [f"extension not built ({ext})" if isinstance(ext, str) else
+                "the built extension predates decoder_head; rebuild with `pip install --no-build-isolation -e .`"]
+    reasons = []
+    if device.type != "cpu":
+        reasons.append(f"device type {device.type!r} (the C++ kernel takes CPU tensors)")
+    if dtype not in CPP_DTYPES:
+        reasons.append(f"dtype {dtype} (the C++ kernel computes float32/bfloat16)")
+    if needs_grad:
+        reasons.append("no backward (the kernel is the inference form)")
+    return reasons
+
+
+_fake_registered = False
+
+
+def _register_fake() -> None:
+    global _fake_registered
+    if _fake_registered or not _has_cpp_op():
+        return
+    _fake_registered = True
+
+    @torch.library.register_fake("fastseg_ext::decoder_head_fwd")
+    def _(maps, x, x_weight, H, W, bias, relu, cls_weight, cls_bias):
+        first = x if x is not None else maps[0]
+        E = x_weight.shape[0] if x_weight is not None else maps[0].shape[3]
+        return first.new_empty((first.shape[0], H, W, E if cls_weight is None else cls_weight.shape[0]))
 
 
 # --- weight folding ------------------------------------------------------------------------------
@@ -284,5 +391,7 @@ def fold_mmseg_head(branches, fuse_weight: torch.Tensor, bn: torch.nn.BatchNorm2
 dispatch.register_reference("decoder_upsample_fuse", upsample_sum_reference)
 dispatch.register("decoder_upsample_fuse", dispatch.Backend(
     "triton", _triton_reasons, upsample_sum_triton, auto_reasons=triton_auto_reasons))
+_register_fake()
+dispatch.register("decoder_upsample_fuse", dispatch.Backend("cpp", _cpp_reasons, upsample_sum_cpp))
 dispatch.register("decoder_upsample_fuse", dispatch.Backend(
     "torch", lambda dtype, **_: [] if dtype.is_floating_point else [f"dtype {dtype}"], upsample_sum_torch))
