@@ -206,6 +206,11 @@ void run_bands(at::TensorList maps, const std::vector<MapView>& views, const std
       at::Tensor dst = out_flat.narrow(0, p0, P);  // 4. classifier, straight into the logits
       if (!cls_weight_t) {
         dst.copy_(ready);
+      } else if (kLow) {
+        // oneDNN's bf16 GEMM writing into a view of the logits goes through a temporary and a
+        // slow copy (measured); a fresh result plus a memcpy does not.
+        const at::Tensor logits = at::linear(ready, cls_weight_t->t(), cls_bias ? *cls_bias : at::Tensor());
+        std::memcpy(dst.data_ptr(), logits.data_ptr(), logits.nbytes());
       } else if (cls_bias) {
         at::addmm_out(dst, *cls_bias, ready, *cls_weight_t);
       } else {
