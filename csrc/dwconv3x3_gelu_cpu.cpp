@@ -146,6 +146,34 @@ FASTSEG_DW_INLINE void conv_pixel(const T* __restrict__ up, const T* __restrict_
   }
 }
 
+// Two neighbouring interior pixels (w, w + 1) at once: they share the nine weights and two of
+// their three columns, so 21 loads make two outputs instead of 36.
+template <typename T, bool UP, bool DOWN>
+FASTSEG_DW_INLINE void conv_pixel_pair(const T* __restrict__ up, const T* __restrict__ mid,
+                                       const T* __restrict__ down, int64_t sn, const float* __restrict__ wt,
+                                       const float* __restrict__ eb, float* __restrict__ z, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    float p0 = 0.0f, p1 = eb[c], p2 = 0.0f, q0 = 0.0f, q1 = eb[c], q2 = 0.0f;
+    if constexpr (UP) {
+      const float a = load(up - sn + c), b = load(up + c), d = load(up + sn + c), e = load(up + 2 * sn + c);
+      p0 += wt[c] * a + wt[C + c] * b + wt[2 * C + c] * d;
+      q0 += wt[c] * b + wt[C + c] * d + wt[2 * C + c] * e;
+    }
+    {
+      const float a = load(mid - sn + c), b = load(mid + c), d = load(mid + sn + c), e = load(mid + 2 * sn + c);
+      p1 += wt[3 * C + c] * a + wt[4 * C + c] * b + wt[5 * C + c] * d;
+      q1 += wt[3 * C + c] * b + wt[4 * C + c] * d + wt[5 * C + c] * e;
+    }
+    if constexpr (DOWN) {
+      const float a = load(down - sn + c), b = load(down + c), d = load(down + sn + c), e = load(down + 2 * sn + c);
+      p2 += wt[6 * C + c] * a + wt[7 * C + c] * b + wt[8 * C + c] * d;
+      q2 += wt[6 * C + c] * b + wt[7 * C + c] * d + wt[8 * C + c] * e;
+    }
+    z[c] = (p0 + p2) + p1;
+    z[C + c] = (q0 + q2) + q1;
+  }
+}
+
 // out[i] = GELU(z[i]) for i in [0, n): a separate loop over a short fp32 buffer, so the long
 // dependent chain of the GELU is overlapped across iterations by the out-of-order core.
 template <typename T, bool TANH>
@@ -180,7 +208,10 @@ FASTSEG_DW_INLINE void row_cols(const T* x, T* y, const Geometry& g, int64_t b, 
       const int64_t o = w * sn;
       float* zw = z + (w - w0) * C;
       const bool left = w > 0, right = w < W - 1;  // a branch per pixel, none per element
-      if (left && right)
+      if (left && w + 1 < std::min(w1, W - 1)) {  // w and w + 1 both interior, in this chunk
+        conv_pixel_pair<T, UP, DOWN>(up + o, mid + o, down + o, sn, wt, eb_inner, zw, C);
+        ++w;
+      } else if (left && right)
         conv_pixel<T, UP, DOWN, true, true>(up + o, mid + o, down + o, sn, wt, eb_inner, zw, C);
       else if (right)
         conv_pixel<T, UP, DOWN, false, true>(up + o, mid + o, down + o, sn, wt,
@@ -299,7 +330,7 @@ at::Tensor dwconv3x3_gelu_fwd_cpu(const at::Tensor& x, int64_t H, int64_t W, con
   }
 
   // z scratch per task: a few KB of pixels' pre-activations (at least one pixel).
-  const Geometry g{H, W, C, x.stride(0), x.stride(1), std::max<int64_t>(1, std::min<int64_t>(W, 2048 / C))};
+  const Geometry g{H, W, C, x.stride(0), x.stride(1), std::min<int64_t>(W, std::max<int64_t>(2, 4096 / C))};
   const bool tanh = approximate == "tanh";
   const float* wp = wt.const_data_ptr<float>();
   const float* ep = eb.const_data_ptr<float>();
