@@ -99,9 +99,15 @@ def _extension_build():
 
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
     sources = ["csrc/bindings.cpp", "csrc/overlap_patch_embed_checks.cpp", "csrc/overlap_patch_embed_cpu.cpp",
-               "csrc/upsample_argmax_cpu.cpp", "csrc/decoder_head_cpu.cpp"]
+               "csrc/upsample_argmax_cpu.cpp", "csrc/decoder_head_cpu.cpp", "csrc/dwconv3x3_gelu_cpu.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-g0"]  # no debug info: a faster build and a smaller module
+    # No debug info: a faster build and a smaller module. -fopenmp: torch's CPU build parallelises
+    # with OpenMP, and at::parallel_for is an inline template that runs serially unless the
+    # extension itself is compiled with OpenMP (_OPENMP); linked with -fopenmp the module shares
+    # the libgomp.so.1 torch has already loaded (same soname), so torch.set_num_threads applies.
+    openmp = sys.platform.startswith("linux")
+    cxx_flags = ["-O3", "-g0"] + (["-fopenmp"] if openmp else [])
+    link_flags = ["-fopenmp"] if openmp else []
     nvcc_path = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None
     with_cuda = torch.version.cuda is not None and nvcc_path is not None and os.path.exists(nvcc_path)
     if with_cuda:
@@ -115,13 +121,14 @@ def _extension_build():
             include_dirs=include_dirs,
             define_macros=[("FASTSEG_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"] + arch_flags},
+            extra_link_args=link_flags,
         )
         _say(f"building fastseg._C with CUDA (torch {torch.__version__}, CUDA {torch.version.cuda}, "
              f"archs {archs}), MAX_JOBS={os.environ['MAX_JOBS']}")
     else:
         why = "torch was built without CUDA" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)"
         ext = cpp_extension.CppExtension("fastseg._C", sources, include_dirs=include_dirs,
-                                         extra_compile_args={"cxx": cxx_flags})
+                                         extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
         _say(f"building fastseg._C with the CPU kernel only ({why}), MAX_JOBS={os.environ['MAX_JOBS']}")
 
     class BuildExtension(cpp_extension.BuildExtension):

@@ -101,6 +101,40 @@ def test_dwconv3x3_gelu(benchmark, impl, dim, size):
                   cost=dwconv_gelu_cost(B, h * w, C, ITEM), error=err)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("dim", [32, 64], ids=lambda c: f"hidden{4 * c}")
+@pytest.mark.parametrize("size", OP_IMAGE_SIZES, ids=case_id)
+def test_dwconv3x3_gelu_backends(benchmark, backend, dim, size):
+    """The Mix-FFN middle step per backend, fc1 included: ``torch`` runs fc1 with its bias (addmm
+    copies it into the output first) then the stock conv + GELU; ``cpp`` runs fc1 without bias and
+    the C++ kernel adds it to the conv's input taps."""
+    backend_obj = next(b for b in ops.dispatch.backends_of("dwconv3x3_gelu") if b.name == backend)
+    why = backend_obj.not_supported_reasons(device=torch.device(DEVICE), dtype=DTYPE)
+    if why:
+        pytest.skip(f"{backend}: {'; '.join(why)}")
+    B, H, W = size
+    h, w, C = H // 4, W // 4, 4 * dim
+    tokens = torch.randn(B, h * w, dim, device=DEVICE, dtype=DTYPE)
+    w1 = torch.randn(C, dim, device=DEVICE, dtype=DTYPE) / dim ** 0.5
+    b1 = torch.randn(C, device=DEVICE, dtype=DTYPE) / 4
+    weight = torch.randn(C, 1, 3, 3, device=DEVICE, dtype=DTYPE) / 3
+    bias = torch.randn(C, device=DEVICE, dtype=DTYPE)
+
+    def eager():
+        return ops.dwconv3x3_gelu_reference(torch.nn.functional.linear(tokens, w1, b1), h, w, weight, bias)
+
+    def fn():
+        with ops.use_backend(backend):
+            if backend == "torch":
+                return ops.dwconv3x3_gelu(torch.nn.functional.linear(tokens, w1, b1), h, w, weight, bias)
+            return ops.dwconv3x3_gelu(torch.nn.functional.linear(tokens, w1), h, w, weight, bias, in_bias=b1)
+
+    with torch.inference_mode():
+        err = check_parity(fn(), eager(), f"dwconv3x3_gelu {backend}")
+        run_benchmark(benchmark, fn, group=f"fc1 + dwconv3x3_gelu {C}ch {case_id(size)}", impl=backend,
+                      cost=dwconv_gelu_cost(B, h * w, C, ITEM), error=err)
+
+
 DECODERS = [("b0", (32, 64, 160, 256), 256), ("b2", (64, 128, 320, 512), 768)]
 
 

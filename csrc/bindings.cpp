@@ -5,6 +5,7 @@
 //   fastseg_ext::overlap_patch_embed_bwd(grad_out, x, weight, bias?, ln_weight, mean, rstd, y?, stride,
 //                                        padding, needs_dx, needs_dweight)
 //       -> (dx, dweight, dbias, dln_weight, dln_bias)
+//   fastseg_ext::dwconv3x3_gelu_fwd(x, H, W, weight, bias?, in_bias?, approximate) -> y (B, H*W, C)
 // keep_y (CPU only; the CUDA kernel recomputes the conv in its backward and refuses it) returns
 // the conv output + bias as tokens for the backward; otherwise y is an empty tensor.
 // packed_weight (CPU only, inference): the conv weight already reordered into oneDNN's blocked
@@ -17,6 +18,7 @@
 // were compiled in).
 #include <Python.h>
 
+#include "dwconv3x3_gelu.h"
 #include "overlap_patch_embed.h"
 #include "decoder_head.h"
 #include "upsample_argmax.h"
@@ -46,6 +48,11 @@ TORCH_LIBRARY(fastseg_ext, m) {
   m.def(
       "decoder_head_fwd(Tensor[] maps, Tensor? x, Tensor? x_weight, int H, int W, Tensor? bias, bool relu, "
       "Tensor? cls_weight, Tensor? cls_bias) -> Tensor");
+  // Mix-FFN depthwise 3x3 conv + bias + GELU on tokens (B, H*W, C), fc1's bias (in_bias) added to
+  // every in-image tap; forward only (CPU kernel: dwconv3x3_gelu_cpu.cpp, float32/bfloat16).
+  // Autograd and the fake implementation live in fastseg/ops/dwconv3x3_gelu.py.
+  m.def("dwconv3x3_gelu_fwd(Tensor x, int H, int W, Tensor weight, Tensor? bias, Tensor? in_bias, "
+        "str approximate) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastseg_ext, CPU, m) {
@@ -53,6 +60,7 @@ TORCH_LIBRARY_IMPL(fastseg_ext, CPU, m) {
   m.impl("overlap_patch_embed_bwd", &fastseg::overlap_patch_embed_bwd_cpu);
   m.impl("upsample_argmax_fwd", &fastseg::upsample_argmax_fwd_cpu);
   m.impl("decoder_head_fwd", &fastseg::decoder_head_fwd_cpu);
+  m.impl("dwconv3x3_gelu_fwd", &fastseg::dwconv3x3_gelu_fwd_cpu);
 }
 
 // A packed (oneDNN-layout) weight makes the call dispatch on MkldnnCPU: the same CPU kernel.

@@ -113,9 +113,14 @@ class MixFFN(nn.Module):
         self.fused = False
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        if self.fused:
+            # fc1 without its bias: the fused op adds it to the conv's input taps, saving the
+            # pass in which addmm copies the bias into the whole (B, N, 4C) output.
+            x = F.linear(x, self.fc1.weight)
+            x = ops.dwconv3x3_gelu(x, H, W, self.dwconv.weight, self.dwconv.bias, in_bias=self.fc1.bias)
+            return self.fc2(x)
         x = self.fc1(x)
-        fn = ops.dwconv3x3_gelu if self.fused else ops.dwconv3x3_gelu_reference
-        x = fn(x, H, W, self.dwconv.weight, self.dwconv.bias)
+        x = ops.dwconv3x3_gelu_reference(x, H, W, self.dwconv.weight, self.dwconv.bias)
         return self.fc2(x)
 
 
