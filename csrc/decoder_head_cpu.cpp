@@ -20,6 +20,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cmath>
@@ -150,7 +151,12 @@ void run_bands(at::TensorList maps, const std::vector<MapView>& views, const std
   std::vector<const T*> bases;
   for (const auto& m : maps) bases.push_back(as_raw<T>(m));
 
+  // The bands call ATen ops (the GEMMs) from OpenMP's worker threads, which do not inherit the
+  // caller's grad / inference mode: carry them over, or writing into tensors made under
+  // torch.inference_mode() raises.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, B * H, rows_per_band, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     const int64_t cap = std::min(end - begin, rows_per_band) * W;
     at::Tensor acc = at::empty({cap, E}, opts.dtype(at::kFloat));
     at::Tensor low = kLow ? at::empty({cap, E}, opts) : at::Tensor();
