@@ -99,7 +99,7 @@ def _extension_build():
 
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
     sources = ["csrc/bindings.cpp", "csrc/overlap_patch_embed_checks.cpp", "csrc/overlap_patch_embed_cpu.cpp",
-               "csrc/upsample_argmax_cpu.cpp"]
+               "csrc/upsample_argmax_cpu.cpp", "csrc/add_layer_norm_cpu.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3", "-g0"]  # no debug info: a faster build and a smaller module
     nvcc_path = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None

@@ -5,6 +5,11 @@
 //   fastseg_ext::overlap_patch_embed_bwd(grad_out, x, weight, bias?, ln_weight, mean, rstd, y?, stride,
 //                                        padding, needs_dx, needs_dweight)
 //       -> (dx, dweight, dbias, dln_weight, dln_bias)
+//   fastseg_ext::add_layer_norm_fwd(x, h, h_bias?, weight, bias, eps, out_dtype?) -> (s, y, mean, rstd)
+//   fastseg_ext::add_layer_norm_fwd_(x, h!, h_bias?, weight, bias, eps, out_dtype?) -> (y, mean, rstd)
+//       (s written into h: a scratch h in inference)
+//   fastseg_ext::add_layer_norm_bwd(grad_y, grad_s?, s, weight, mean, rstd)
+//       -> (grad_sum, dweight, dbias, dh_bias)    (see add_layer_norm.h; CPU only)
 // keep_y (CPU only; the CUDA kernel recomputes the conv in its backward and refuses it) returns
 // the conv output + bias as tokens for the backward; otherwise y is an empty tensor.
 // packed_weight (CPU only, inference): the conv weight already reordered into oneDNN's blocked
@@ -17,6 +22,7 @@
 // were compiled in).
 #include <Python.h>
 
+#include "add_layer_norm.h"
 #include "overlap_patch_embed.h"
 #include "upsample_argmax.h"
 
@@ -40,12 +46,25 @@ TORCH_LIBRARY(fastseg_ext, m) {
   // Fused bilinear upsample (align_corners=False) + argmax over K, inference only (CPU kernel:
   // upsample_argmax_cpu.cpp): (labels (B, H, W) int64, scores (B, H, W) or empty (0, H, W)).
   m.def("upsample_argmax_fwd(Tensor logits, int H, int W, bool return_scores) -> (Tensor, Tensor)");
+  // Fused residual add + bias + LayerNorm (add_layer_norm_cpu.cpp).
+  m.def(
+      "add_layer_norm_fwd(Tensor x, Tensor h, Tensor? h_bias, Tensor weight, Tensor bias, float eps, "
+      "ScalarType? out_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "add_layer_norm_fwd_(Tensor x, Tensor(a!) h, Tensor? h_bias, Tensor weight, Tensor bias, float eps, "
+      "ScalarType? out_dtype) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "add_layer_norm_bwd(Tensor grad_y, Tensor? grad_s, Tensor s, Tensor weight, Tensor mean, Tensor rstd) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastseg_ext, CPU, m) {
   m.impl("overlap_patch_embed_fwd", &fastseg::overlap_patch_embed_fwd_cpu);
   m.impl("overlap_patch_embed_bwd", &fastseg::overlap_patch_embed_bwd_cpu);
   m.impl("upsample_argmax_fwd", &fastseg::upsample_argmax_fwd_cpu);
+  m.impl("add_layer_norm_fwd", &fastseg::add_layer_norm_fwd_cpu);
+  m.impl("add_layer_norm_fwd_", &fastseg::add_layer_norm_fwd_inplace_cpu);
+  m.impl("add_layer_norm_bwd", &fastseg::add_layer_norm_bwd_cpu);
 }
 
 // A packed (oneDNN-layout) weight makes the call dispatch on MkldnnCPU: the same CPU kernel.
