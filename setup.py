@@ -104,6 +104,14 @@ def _extension_build():
     # no debug info: a faster build and a smaller module; -fopenmp-simd: `#pragma omp simd`
     # reductions (add_layer_norm_cpu.cpp) without the OpenMP runtime
     cxx_flags = ["-O3", "-g0", "-fopenmp-simd"]
+    # at::parallel_for is a header template that runs its body serially unless the *extension* is
+    # compiled with OpenMP (_OPENMP): without -fopenmp every CPU kernel here ran on one thread.
+    # Linux torch wheels use GNU OpenMP (torch/lib/libgomp.so.1, loaded before fastseg._C), so
+    # the extension binds to that same runtime by soname.
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     nvcc_path = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None
     with_cuda = torch.version.cuda is not None and nvcc_path is not None and os.path.exists(nvcc_path)
     if with_cuda:
@@ -117,13 +125,14 @@ def _extension_build():
             include_dirs=include_dirs,
             define_macros=[("FASTSEG_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"] + arch_flags},
+            extra_link_args=link_flags,
         )
         _say(f"building fastseg._C with CUDA (torch {torch.__version__}, CUDA {torch.version.cuda}, "
              f"archs {archs}), MAX_JOBS={os.environ['MAX_JOBS']}")
     else:
         why = "torch was built without CUDA" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)"
         ext = cpp_extension.CppExtension("fastseg._C", sources, include_dirs=include_dirs,
-                                         extra_compile_args={"cxx": cxx_flags})
+                                         extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
         _say(f"building fastseg._C with the CPU kernel only ({why}), MAX_JOBS={os.environ['MAX_JOBS']}")
 
     class BuildExtension(cpp_extension.BuildExtension):
