@@ -247,9 +247,19 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def _tuning_active() -> bool:
+    """Tuned dispatch may re-run the backends on one call's inputs: h must stay intact then."""
+    if dispatch.tuning_hooks() is None:
+        return False
+    import sys
+
+    tune = sys.modules.get("fastseg.tune")
+    return tune is None or tune.active()
+
+
 def _may_write_into_h(x, h, h_bias, weight, bias, s_dtype) -> bool:
     """Whether s may be written into h's memory (the caller said h is scratch): see the module doc."""
-    if torch.compiler.is_compiling() or dispatch.tuning_hooks() is not None:
+    if torch.compiler.is_compiling() or _tuning_active():
         return False
     if not (torch.is_inference_mode_enabled() or not _needs_grad(x, h, h_bias, weight, bias)):
         return False
