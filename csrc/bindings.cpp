@@ -6,6 +6,11 @@
 //                                        padding, needs_dx, needs_dweight)
 //       -> (dx, dweight, dbias, dln_weight, dln_bias)
 //   fastseg_ext::dwconv3x3_gelu_fwd(x, H, W, weight, bias?, in_bias?, approximate) -> y (B, H*W, C)
+//   fastseg_ext::add_layer_norm_fwd(x, h, h_bias?, weight, bias, eps, out_dtype?) -> (s, y, mean, rstd)
+//   fastseg_ext::add_layer_norm_fwd_(x, h!, h_bias?, weight, bias, eps, out_dtype?) -> (y, mean, rstd)
+//       (s written into h: a scratch h in inference)
+//   fastseg_ext::add_layer_norm_bwd(grad_y, grad_s?, s, weight, mean, rstd)
+//       -> (grad_sum, dweight, dbias, dh_bias)    (see add_layer_norm.h; CPU only)
 // keep_y (CPU only; the CUDA kernel recomputes the conv in its backward and refuses it) returns
 // the conv output + bias as tokens for the backward; otherwise y is an empty tensor.
 // packed_weight (CPU only, inference): the conv weight already reordered into oneDNN's blocked
@@ -19,6 +24,7 @@
 #include <Python.h>
 
 #include "dwconv3x3_gelu.h"
+#include "add_layer_norm.h"
 #include "overlap_patch_embed.h"
 #include "decoder_head.h"
 #include "upsample_argmax.h"
@@ -53,6 +59,16 @@ TORCH_LIBRARY(fastseg_ext, m) {
   // Autograd and the fake implementation live in fastseg/ops/dwconv3x3_gelu.py.
   m.def("dwconv3x3_gelu_fwd(Tensor x, int H, int W, Tensor weight, Tensor? bias, Tensor? in_bias, "
         "str approximate) -> Tensor");
+  // Fused residual add + bias + LayerNorm (add_layer_norm_cpu.cpp).
+  m.def(
+      "add_layer_norm_fwd(Tensor x, Tensor h, Tensor? h_bias, Tensor weight, Tensor bias, float eps, "
+      "ScalarType? out_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "add_layer_norm_fwd_(Tensor x, Tensor(a!) h, Tensor? h_bias, Tensor weight, Tensor bias, float eps, "
+      "ScalarType? out_dtype) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "add_layer_norm_bwd(Tensor grad_y, Tensor? grad_s, Tensor s, Tensor weight, Tensor mean, Tensor rstd) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastseg_ext, CPU, m) {
@@ -61,6 +77,9 @@ TORCH_LIBRARY_IMPL(fastseg_ext, CPU, m) {
   m.impl("upsample_argmax_fwd", &fastseg::upsample_argmax_fwd_cpu);
   m.impl("decoder_head_fwd", &fastseg::decoder_head_fwd_cpu);
   m.impl("dwconv3x3_gelu_fwd", &fastseg::dwconv3x3_gelu_fwd_cpu);
+  m.impl("add_layer_norm_fwd", &fastseg::add_layer_norm_fwd_cpu);
+  m.impl("add_layer_norm_fwd_", &fastseg::add_layer_norm_fwd_inplace_cpu);
+  m.impl("add_layer_norm_bwd", &fastseg::add_layer_norm_bwd_cpu);
 }
 
 // A packed (oneDNN-layout) weight makes the call dispatch on MkldnnCPU: the same CPU kernel.

@@ -84,8 +84,9 @@ class SRAttention(nn.Module):
         """The sr×sr conv, (B, C, H, W) → (B, C, H/sr, W/sr), guarded against oneDNN's bf16 bug."""
         return ops.conv2d(x, self.sr.weight, self.sr.bias, self.sr_ratio)
 
-    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        """x: (B, N, C) tokens of an H×W map → (B, N, C)."""
+    def forward(self, x: torch.Tensor, H: int, W: int, proj_bias: bool = True) -> torch.Tensor:
+        """x: (B, N, C) tokens of an H×W map → (B, N, C). ``proj_bias=False`` (fused path): the
+        output projection without its bias, which the fused Block adds in ``add_layer_norm``."""
         B, N, C = x.shape
         q = self.q(x)
         if not self.fused:
@@ -99,7 +100,8 @@ class SRAttention(nn.Module):
             # channels-last, so its output flattens back to tokens as a view too.
             x_ = self._reduce(x.reshape(B, H, W, C).permute(0, 3, 1, 2))
             x = self.norm(x_.flatten(2).transpose(1, 2))
-        return self.proj(ops.sr_attention(q, self.kv(x), self.num_heads, self.scale))
+        out = ops.sr_attention(q, self.kv(x), self.num_heads, self.scale)
+        return self.proj(out) if proj_bias else F.linear(out, self.proj.weight)
 
 
 class MixFFN(nn.Module):
@@ -112,16 +114,21 @@ class MixFFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.fused = False
 
-    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """fc1 → depthwise 3×3 → GELU: (B, N, C) → (B, N, 4C)."""
         if self.fused:
             # fc1 without its bias: the fused op adds it to the conv's input taps, saving the
             # pass in which addmm copies the bias into the whole (B, N, 4C) output.
             x = F.linear(x, self.fc1.weight)
-            x = ops.dwconv3x3_gelu(x, H, W, self.dwconv.weight, self.dwconv.bias, in_bias=self.fc1.bias)
-            return self.fc2(x)
-        x = self.fc1(x)
-        x = ops.dwconv3x3_gelu_reference(x, H, W, self.dwconv.weight, self.dwconv.bias)
-        return self.fc2(x)
+            return ops.dwconv3x3_gelu(x, H, W, self.dwconv.weight, self.dwconv.bias, in_bias=self.fc1.bias)
+        return ops.dwconv3x3_gelu_reference(self.fc1(x), H, W, self.dwconv.weight, self.dwconv.bias)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        return self.fc2(self.hidden(x, H, W))
+
+    def forward_pre_bias(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """``forward`` without fc2's bias (the fused Block adds it in ``add_layer_norm``): (B, N, C)."""
+        return F.linear(self.hidden(x, H, W), self.fc2.weight)
 
 
 class Block(nn.Module):
@@ -138,6 +145,31 @@ class Block(nn.Module):
         x = x + self.drop_path(self.mlp(self.norm2(x), H, W))
         return x
 
+    def forward_fused(self, x, y, H, W, next_norm: nn.LayerNorm, last: bool):
+        """The fused path: x (B, N, C) the residual stream, y = norm1(x) (computed by the previous
+        block's add_layer_norm, or by the stage) → (x', next_norm(x')), with each residual add,
+        GEMM bias and following LayerNorm in one ``ops.add_layer_norm``: after the attention it
+        computes norm2, after the Mix-FFN ``next_norm`` (the next block's norm1, or the stage's
+        norm when ``last``). With DropPath active (training, p > 0) the branch is the eager expression, bias
+        included, dropped before the add, so the random mask applies exactly as in eager."""
+        drop = self.drop_path.training and self.drop_path.p > 0
+        # Under autocast every consumer of the block norms' output (q/kv/fc1 linears, the sr
+        # conv) casts it to the autocast dtype anyway: produce it in that dtype directly.
+        mid = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        if drop:
+            x, y = ops.add_layer_norm(x, self.drop_path(self.attn(y, H, W)), None, self.norm2.weight,
+                                      self.norm2.bias, self.norm2.eps, mid)
+        else:
+            x, y = ops.add_layer_norm(x, self.attn(y, H, W, proj_bias=False), self.attn.proj.bias, self.norm2.weight,
+                                      self.norm2.bias, self.norm2.eps, mid, reuse_h=True)
+        # The stage's norm feeds the decoder and the next patch embedding: keep eager's dtype there.
+        out = None if last else mid
+        if drop:
+            return ops.add_layer_norm(x, self.drop_path(self.mlp(y, H, W)), None, next_norm.weight, next_norm.bias,
+                                      next_norm.eps, out)
+        return ops.add_layer_norm(x, self.mlp.forward_pre_bias(y, H, W), self.mlp.fc2.bias, next_norm.weight,
+                                  next_norm.bias, next_norm.eps, out, reuse_h=True)
+
 
 class Stage(nn.Module):
     def __init__(self, in_channels, dim, depth, num_heads, sr_ratio, mlp_ratio, kernel, stride, drop_paths, eps):
@@ -147,14 +179,24 @@ class Stage(nn.Module):
             Block(dim, num_heads, sr_ratio, mlp_ratio, drop_paths[j], eps.block, eps.sr) for j in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=eps.stage)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, Cin, H, W) → (B, C, H', W')."""
         B = x.shape[0]
         x, H, W = self.patch_embed(x)
-        for block in self.blocks:
-            x = block(x, H, W)
-        x = self.norm(x)
+        if self.fused and len(self.blocks):
+            # (residual, its next LayerNorm) flow from block to block; each add_layer_norm also
+            # computes the LayerNorm that follows it, the last one the stage's norm.
+            y = self.blocks[0].norm1(x)
+            for j, block in enumerate(self.blocks):
+                last = j + 1 == len(self.blocks)
+                x, y = block.forward_fused(x, y, H, W, self.norm if last else self.blocks[j + 1].norm1, last)
+            x = y
+        else:
+            for block in self.blocks:
+                x = block(x, H, W)
+            x = self.norm(x)
         x = x.reshape(B, H, W, -1).permute(0, 3, 1, 2)
         # The fused path keeps tokens: the feature map is their channels-last view, not a copy.
         return x if self.patch_embed.fused else x.contiguous()

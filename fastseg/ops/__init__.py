@@ -6,8 +6,11 @@ from fastseg.ops.dwconv3x3_gelu import dwconv3x3_gelu, dwconv3x3_gelu_reference
 from fastseg.ops.overlap_patch_embed import overlap_patch_embed, overlap_patch_embed_reference
 from fastseg.ops.sr_attention import sr_attention, sr_attention_reference
 from fastseg.ops.upsample_argmax import upsample_argmax, upsample_argmax_reference
+from fastseg.ops.add_layer_norm import add_layer_norm, add_layer_norm_reference
 
 __all__ = [
+    "add_layer_norm",
+    "add_layer_norm_reference",
     "BackendUnavailable",
     "choose",
     "conv2d",
