@@ -5,10 +5,12 @@ grows to at most 32 MB) with fresh ``mmap`` pages and returns the free top of th
 kernel, so every big activation of every forward pays a page fault per 4 KB page on first touch:
 measured 325 → 268 ms (b2 fused forward, 512², 2 threads) from this alone. OpenVINO and ONNX
 Runtime avoid it with their own arenas. ``keep_freed_memory()`` sets two malloc options
-(``mallopt``): blocks up to 32 MiB always come from the heap, and freed heap memory stays in the
-process (up to 1 GiB above what is in use) for the next forward. Larger blocks still get their own
-pages and go back when freed, so large inputs keep their peak: b2 ``fastseg predict`` at
-2048×1024 peaked at 1064 MB either way, against 1324 MB when the heap took blocks up to 1 GiB.
+(``mallopt``): blocks up to 1 GiB come from the heap, and freed heap memory stays in the process
+(up to 1 GiB above what is in use) for the next forward. Measured: b0 fused at batch 8, 512²:
+463 ms per forward with a 32 MiB threshold, 365 ms with 1 GiB. The price is fragmentation at
+very large inputs: b2 ``fastseg predict`` on one 2048×1024 image peaked at 1324 MB against 1064
+MB with system malloc (at 512² the peak did not change). ``FASTSEG_CPU_MALLOC=system`` keeps
+system malloc where memory matters more than speed.
 
 It is applied once, process-wide, by the first fused forward on a CPU tensor (models call
 :func:`ensure`). ``FASTSEG_CPU_MALLOC=system`` leaves malloc as it is; non-glibc systems are left
@@ -22,7 +24,7 @@ import os
 import threading
 
 ENV = "FASTSEG_CPU_MALLOC"
-MMAP_LIMIT = 32 << 20  # blocks up to this size come from the heap (bytes)
+MMAP_LIMIT = 1 << 30  # blocks up to this size come from the heap (bytes)
 TRIM_LIMIT = 1 << 30  # free heap memory kept above what is in use (bytes)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 
