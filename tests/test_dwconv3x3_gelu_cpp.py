@@ -235,3 +235,24 @@ def test_mix_ffn_fused_cpp_under_autocast():
     assert got.dtype == torch.bfloat16
     ok, why = parity.judge(parity.errors(got, gold), parity.errors(eager, gold), low_precision=True)
     assert ok, why
+
+
+def test_fc1_bias_goes_into_the_op_only_where_the_kernel_adds_it():
+    """MixFFN hands fc1's bias to the op only for backends that add it in-kernel (cpp); with any
+    other backend (the torch one here, Triton on a GPU) fc1 keeps it, and either way the block
+    computes the reference."""
+    from fastseg.ops.dwconv3x3_gelu import folds_in_bias
+
+    cpu = torch.device("cpu")
+    assert folds_in_bias(cpu, torch.float32) == _has_cpp_op()
+    assert not folds_in_bias(cpu, torch.float64)
+    torch.manual_seed(0)
+    ref = MixFFN(20, 80).double()
+    randomize_(ref)
+    fused = copy.deepcopy(ref)
+    fused.fused = True
+    x = torch.randn(2, 7 * 5, 20, dtype=torch.float64)
+    with use_backend("torch"):
+        assert not folds_in_bias(cpu, torch.float32)
+        got = fused(x, 7, 5)
+    assert (got - ref(x, 7, 5)).abs().max() < 1e-10

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from fastseg import checkpoints, cpu_allocator, ops
 from fastseg.models.config import VARIANTS, SegFormerConfig
+from fastseg.ops.dwconv3x3_gelu import folds_in_bias
 
 # The stage-1 spatial-reduction conv has an 8×8 kernel over the 1/4-resolution map.
 MIN_IMAGE_SIZE = 32
@@ -117,10 +118,14 @@ class MixFFN(nn.Module):
     def hidden(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """fc1 → depthwise 3×3 → GELU: (B, N, C) → (B, N, 4C)."""
         if self.fused:
-            # fc1 without its bias: the fused op adds it to the conv's input taps, saving the
-            # pass in which addmm copies the bias into the whole (B, N, 4C) output.
-            x = F.linear(x, self.fc1.weight)
-            return ops.dwconv3x3_gelu(x, H, W, self.dwconv.weight, self.dwconv.bias, in_bias=self.fc1.bias)
+            dev = x.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            if folds_in_bias(x.device, dtype):
+                # fc1 without its bias: the C++ kernel adds it to the conv's input taps, saving
+                # the pass in which addmm copies the bias into the whole (B, N, 4C) output.
+                x = F.linear(x, self.fc1.weight)
+                return ops.dwconv3x3_gelu(x, H, W, self.dwconv.weight, self.dwconv.bias, in_bias=self.fc1.bias)
+            return ops.dwconv3x3_gelu(self.fc1(x), H, W, self.dwconv.weight, self.dwconv.bias)
         return ops.dwconv3x3_gelu_reference(self.fc1(x), H, W, self.dwconv.weight, self.dwconv.bias)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:

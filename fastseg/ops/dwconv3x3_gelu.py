@@ -168,6 +168,18 @@ def dwconv3x3_gelu(
     return impl(x, H, W, weight, bias, approximate, in_bias=in_bias)
 
 
+# Backends that add in_bias inside the kernel; the others add it in a pass of their own.
+IN_BIAS_IN_KERNEL = ("cpp",)
+
+
+def folds_in_bias(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether handing fc1's bias to this op (``in_bias``) saves work for these inputs: only when
+    the backend that will run adds it in-kernel. Elsewhere fc1 should keep its bias (on GPUs the
+    GEMM's epilogue adds it for free, and a separate ``x + in_bias`` pass would cost one more
+    read and write of the 4C-channel hidden tensor)."""
+    return dispatch.choose("dwconv3x3_gelu", device=device, dtype=dtype).backend in IN_BIAS_IN_KERNEL
+
+
 # --- cpp backend -----------------------------------------------------------------------------------
 
 CPP_DTYPES = (torch.float32, torch.bfloat16)
