@@ -25,6 +25,8 @@
 // partials of a fixed row block per thread slot (deterministic, as the patch embedding's).
 #include "add_layer_norm.h"
 
+#include "cpu_simd.h"
+
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -40,43 +42,22 @@
 namespace fastseg {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTSEG_ALN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTSEG_ALN_CLONES
-#endif
-#define FASTSEG_ALN_INLINE inline __attribute__((always_inline))
-
 constexpr int kLanes = 16;         // independent partial sums, so the reductions vectorise
 constexpr int64_t kFlushRows = 64;  // backward: rows summed in float32 before the float64 partials
 
-using bf16_t = uint16_t;  // bfloat16 storage: the high half of a float32
+using bf16_t = bf16_bits;
+FASTSEG_INLINE float widen(bf16_t v) { return bf16_to_float(v); }
+FASTSEG_INLINE bf16_t narrow(float f) { return float_to_bf16(f); }
 
-FASTSEG_ALN_INLINE float widen(bf16_t v) {
-  const uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-// Round to nearest even; NaN stays NaN (quiet bit set, so no NaN rounds to infinity).
-FASTSEG_ALN_INLINE bf16_t narrow(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t quiet_nan = (u >> 16) | 0x40u;
-  return bf16_t((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded);
-}
-
-FASTSEG_ALN_INLINE float load(const float* p, int64_t i) { return p[i]; }
-FASTSEG_ALN_INLINE float load(const bf16_t* p, int64_t i) { return widen(p[i]); }
-FASTSEG_ALN_INLINE void store(float* p, int64_t i, float v) { p[i] = v; }
-FASTSEG_ALN_INLINE void store(bf16_t* p, int64_t i, float v) { p[i] = narrow(v); }
+FASTSEG_INLINE float load(const float* p, int64_t i) { return p[i]; }
+FASTSEG_INLINE float load(const bf16_t* p, int64_t i) { return widen(p[i]); }
+FASTSEG_INLINE void store(float* p, int64_t i, float v) { p[i] = v; }
+FASTSEG_INLINE void store(bf16_t* p, int64_t i, float v) { p[i] = narrow(v); }
 // v as it will be stored in a T (what eager's s holds, so the statistics are of that value).
-FASTSEG_ALN_INLINE float as_stored(float v, const float*) { return v; }
-FASTSEG_ALN_INLINE float as_stored(float v, const bf16_t*) { return widen(narrow(v)); }
+FASTSEG_INLINE float as_stored(float v, const float*) { return v; }
+FASTSEG_INLINE float as_stored(float v, const bf16_t*) { return widen(narrow(v)); }
 
-FASTSEG_ALN_INLINE float reduce_lanes(float* acc) {
+FASTSEG_INLINE float reduce_lanes(float* acc) {
   for (int width = kLanes / 2; width > 0; width /= 2)
     for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
   return acc[0];
@@ -85,7 +66,7 @@ FASTSEG_ALN_INLINE float reduce_lanes(float* acc) {
 // Rows [r0, r1) of the forward. Row strides in elements; hb, gamma, beta: float32 (C,) (hb all
 // zeros without a bias); buf: C floats of scratch. s may be h (in place); nothing else aliases.
 template <typename Tx, typename Th, typename Ts, typename Ty>
-FASTSEG_ALN_INLINE void forward_range(const Tx* x, int64_t sx, const Th* h, int64_t sh,
+FASTSEG_INLINE void forward_range(const Tx* x, int64_t sx, const Th* h, int64_t sh,
                                       const float* __restrict__ hb, Ts* s, Ty* __restrict__ y,
                                       const float* __restrict__ gamma, const float* __restrict__ beta, float eps,
                                       int64_t r0, int64_t r1, int64_t C, float* __restrict__ mean,
@@ -124,7 +105,7 @@ FASTSEG_ALN_INLINE void forward_range(const Tx* x, int64_t sx, const Th* h, int6
 }
 
 #define FASTSEG_ALN_FWD(TX, TH, TS, TY)                                                                        \
-  FASTSEG_ALN_CLONES void forward_rows(const TX* x, int64_t sx, const TH* h, int64_t sh, const float* hb, TS* s, \
+  FASTSEG_CLONES void forward_rows(const TX* x, int64_t sx, const TH* h, int64_t sh, const float* hb, TS* s, \
                                        TY* y, const float* gamma, const float* beta, float eps, int64_t r0,      \
                                        int64_t r1, int64_t C, float* mean, float* rstd, float* buf) {            \
     forward_range(x, sx, h, sh, hb, s, y, gamma, beta, eps, r0, r1, C, mean, rstd, buf);                        \
@@ -143,7 +124,7 @@ FASTSEG_ALN_FWD(bf16_t, bf16_t, bf16_t, bf16_t)
 // Rows [r0, r1) of the backward, adding the column sums to part (3, C) float64. grad_s may be
 // null; scratch: 5*C floats.
 template <typename Tg, typename Ts>
-FASTSEG_ALN_INLINE void backward_range(const Tg* __restrict__ gy, const Ts* __restrict__ gs_in,
+FASTSEG_INLINE void backward_range(const Tg* __restrict__ gy, const Ts* __restrict__ gs_in,
                                        const Ts* __restrict__ s, Ts* __restrict__ gsum,
                                        const float* __restrict__ gamma, const float* __restrict__ mean,
                                        const float* __restrict__ rstd, int64_t r0, int64_t r1, int64_t C,
@@ -213,7 +194,7 @@ FASTSEG_ALN_INLINE void backward_range(const Tg* __restrict__ gy, const Ts* __re
 }
 
 #define FASTSEG_ALN_BWD(TG, TS)                                                                                 \
-  FASTSEG_ALN_CLONES void backward_rows(const TG* gy, const TS* gs_in, const TS* s, TS* gsum, const float* gamma, \
+  FASTSEG_CLONES void backward_rows(const TG* gy, const TS* gs_in, const TS* s, TS* gsum, const float* gamma, \
                                         const float* mean, const float* rstd, int64_t r0, int64_t r1, int64_t C,  \
                                         double* part, float* scratch) {                                           \
     backward_range(gy, gs_in, s, gsum, gamma, mean, rstd, r0, r1, C, part, scratch);                             \

@@ -18,6 +18,8 @@
 // the sum, bias and ReLU are fp32, rounded to bf16 once for the classifier GEMM.
 #include "decoder_head.h"
 
+#include "cpu_simd.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -31,31 +33,8 @@
 namespace fastseg {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTSEG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTSEG_CLONES
-#endif
-#define FASTSEG_INLINE inline __attribute__((always_inline))
-
 // Output pixels per band: acc is band × E floats (768 KB at E = 768), within a core's L2.
 constexpr int64_t kBandPixels = 256;
-
-FASTSEG_INLINE float bf16_to_float(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// Round to nearest even, NaN kept a (quiet) NaN; branch-free so the loops vectorise.
-FASTSEG_INLINE uint16_t float_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-  return static_cast<uint16_t>(nan ? ((bits >> 16) | 0x40u) : rounded);
-}
 
 struct Tap {
   int64_t i0, i1;

@@ -33,6 +33,8 @@
 // the whole loop several times slower) and does not change the fp32 result.
 #include "dwconv3x3_gelu.h"
 
+#include "cpu_simd.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -48,39 +50,26 @@
 namespace fastseg {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTSEG_DW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTSEG_DW_CLONES
-#endif
-#define FASTSEG_DW_INLINE inline __attribute__((always_inline))
-
-using bf16_bits = uint16_t;
-
-FASTSEG_DW_INLINE float bits_to_float(uint32_t u) {
+FASTSEG_INLINE float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
 
-FASTSEG_DW_INLINE uint32_t float_to_bits(float f) {
+FASTSEG_INLINE uint32_t float_to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   return u;
 }
 
-FASTSEG_DW_INLINE float load(const float* p) { return *p; }
-FASTSEG_DW_INLINE float load(const bf16_bits* p) { return bits_to_float(uint32_t(*p) << 16); }
+FASTSEG_INLINE float load(const float* p) { return *p; }
+FASTSEG_INLINE float load(const bf16_bits* p) { return bf16_to_float(*p); }
 
-FASTSEG_DW_INLINE void store(float* p, float v) { *p = v; }
-FASTSEG_DW_INLINE void store(bf16_bits* p, float v) {
-  const uint32_t u = float_to_bits(v);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest, ties to even
-  *p = bf16_bits(v != v ? 0x7FC0u : rounded);  // a NaN must not round into inf or -0
-}
+FASTSEG_INLINE void store(float* p, float v) { *p = v; }
+FASTSEG_INLINE void store(bf16_bits* p, float v) { *p = float_to_bf16(v); }
 
 // exp(v) for v in float: see the file comment. Vectorisable (no calls, no branches).
-FASTSEG_DW_INLINE float exp_approx(float v) {
+FASTSEG_INLINE float exp_approx(float v) {
   v = std::min(std::max(v, -80.0f), 88.0f);  // see the file comment: no subnormal result
   constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float kf = (v * 1.44269504088896341f + kShift) - kShift;
@@ -100,7 +89,7 @@ FASTSEG_DW_INLINE float exp_approx(float v) {
 // 1 / v for v >= 1: Newton's iteration r <- r (2 - v r) from a first guess made on the bits (about
 // 4 correct bits; each step doubles them). Vectorises to multiply-adds, where a division is one
 // long-latency instruction that the whole GELU loop would wait on.
-FASTSEG_DW_INLINE float reciprocal(float v) {
+FASTSEG_INLINE float reciprocal(float v) {
   float r = bits_to_float(0x7EF311C3u - float_to_bits(v));
   r = r * (2.0f - v * r);
   r = r * (2.0f - v * r);
@@ -112,7 +101,7 @@ FASTSEG_DW_INLINE float reciprocal(float v) {
 // the negative tail is q itself, with no cancellation; no exp. a is clamped to 9, where q is
 // ~4e-28 (true erfc(9) ~ 4e-37): GELU changes by < 1e-26 absolute, and q never goes subnormal
 // (whose microcode assists would slow the whole loop several times).
-FASTSEG_DW_INLINE float one_plus_erf(float s) {
+FASTSEG_INLINE float one_plus_erf(float s) {
   const float a = std::min(std::fabs(s), 9.0f);
   float p = 0.0000430638f;
   p = p * a + 0.0002765672f;
@@ -128,7 +117,7 @@ FASTSEG_DW_INLINE float one_plus_erf(float s) {
 }
 
 template <bool TANH>
-FASTSEG_DW_INLINE float gelu(float z) {
+FASTSEG_INLINE float gelu(float z) {
   if constexpr (TANH) {
     const float u = 0.7978845608028654f * (z + 0.044715f * z * z * z);
     return z / (1.0f + exp_approx(-2.0f * u));  // 0.5 z (1 + tanh u) = z sigmoid(2u)
@@ -142,7 +131,7 @@ FASTSEG_DW_INLINE float gelu(float z) {
 // w - 1 / w + 1 exist. wt: (9, C) taps, tap ky*3 + kx; eb: the bias of this border case. One
 // partial sum per kernel row keeps the dependent FMA chains short.
 template <typename T, bool UP, bool DOWN, bool LEFT, bool RIGHT>
-FASTSEG_DW_INLINE void conv_pixel(const T* __restrict__ up, const T* __restrict__ mid, const T* __restrict__ down,
+FASTSEG_INLINE void conv_pixel(const T* __restrict__ up, const T* __restrict__ mid, const T* __restrict__ down,
                                   int64_t sn, const float* __restrict__ wt, const float* __restrict__ eb,
                                   float* __restrict__ z, int64_t C) {
   for (int64_t c = 0; c < C; ++c) {
@@ -167,7 +156,7 @@ FASTSEG_DW_INLINE void conv_pixel(const T* __restrict__ up, const T* __restrict_
 // Two neighbouring interior pixels (w, w + 1) at once: they share the nine weights and two of
 // their three columns, so 21 loads make two outputs instead of 36.
 template <typename T, bool UP, bool DOWN>
-FASTSEG_DW_INLINE void conv_pixel_pair(const T* __restrict__ up, const T* __restrict__ mid,
+FASTSEG_INLINE void conv_pixel_pair(const T* __restrict__ up, const T* __restrict__ mid,
                                        const T* __restrict__ down, int64_t sn, const float* __restrict__ wt,
                                        const float* __restrict__ eb, float* __restrict__ z, int64_t C) {
   for (int64_t c = 0; c < C; ++c) {
@@ -195,7 +184,7 @@ FASTSEG_DW_INLINE void conv_pixel_pair(const T* __restrict__ up, const T* __rest
 // out[i] = GELU(z[i]) for i in [0, n): a separate loop over a short fp32 buffer, so the long
 // dependent chain of the GELU is overlapped across iterations by the out-of-order core.
 template <typename T, bool TANH>
-FASTSEG_DW_INLINE void gelu_store(const float* __restrict__ z, T* __restrict__ out, int64_t n) {
+FASTSEG_INLINE void gelu_store(const float* __restrict__ z, T* __restrict__ out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) store(out + i, gelu<TANH>(z[i]));
 }
 
@@ -206,13 +195,13 @@ struct Geometry {
 
 // Border case of a pixel: bit 0 = no up row, bit 1 = no down row, bit 2 = no left column,
 // bit 3 = no right column. eb_table holds 16 rows of C.
-FASTSEG_DW_INLINE int64_t border_case(bool up, bool down, bool left, bool right) {
+FASTSEG_INLINE int64_t border_case(bool up, bool down, bool left, bool right) {
   return (up ? 0 : 1) | (down ? 0 : 2) | (left ? 0 : 4) | (right ? 0 : 8);
 }
 
 // One output row: the pre-activations of `chunk` pixels at a time into z, then their GELU.
 template <typename T, bool UP, bool DOWN, bool TANH>
-FASTSEG_DW_INLINE void row_cols(const T* x, T* y, const Geometry& g, int64_t b, int64_t h, const float* wt,
+FASTSEG_INLINE void row_cols(const T* x, T* y, const Geometry& g, int64_t b, int64_t h, const float* wt,
                                 const float* eb_table, float* z) {
   const int64_t W = g.W, C = g.C, sn = g.sn;
   const T* mid = x + b * g.sb + h * W * sn;
@@ -247,7 +236,7 @@ FASTSEG_DW_INLINE void row_cols(const T* x, T* y, const Geometry& g, int64_t b, 
 
 // Output rows r in [r0, r1) of the B*H rows (r = b*H + h); z: chunk * C floats of scratch.
 template <typename T, bool TANH>
-FASTSEG_DW_INLINE void rows_impl(const T* x, T* y, const Geometry& g, int64_t r0, int64_t r1, const float* wt,
+FASTSEG_INLINE void rows_impl(const T* x, T* y, const Geometry& g, int64_t r0, int64_t r1, const float* wt,
                                  const float* eb_table, float* z) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / g.H, h = r - b * g.H;
@@ -263,7 +252,7 @@ FASTSEG_DW_INLINE void rows_impl(const T* x, T* y, const Geometry& g, int64_t r0
   }
 }
 
-FASTSEG_DW_CLONES void dw_rows(const float* x, float* y, const Geometry& g, int64_t r0, int64_t r1,
+FASTSEG_CLONES void dw_rows(const float* x, float* y, const Geometry& g, int64_t r0, int64_t r1,
                                const float* wt, const float* eb_table, bool tanh, float* z) {
   if (tanh)
     rows_impl<float, true>(x, y, g, r0, r1, wt, eb_table, z);
@@ -271,7 +260,7 @@ FASTSEG_DW_CLONES void dw_rows(const float* x, float* y, const Geometry& g, int6
     rows_impl<float, false>(x, y, g, r0, r1, wt, eb_table, z);
 }
 
-FASTSEG_DW_CLONES void dw_rows(const bf16_bits* x, bf16_bits* y, const Geometry& g, int64_t r0, int64_t r1,
+FASTSEG_CLONES void dw_rows(const bf16_bits* x, bf16_bits* y, const Geometry& g, int64_t r0, int64_t r1,
                                const float* wt, const float* eb_table, bool tanh, float* z) {
   if (tanh)
     rows_impl<bf16_bits, true>(x, y, g, r0, r1, wt, eb_table, z);

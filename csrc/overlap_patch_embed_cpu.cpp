@@ -29,6 +29,8 @@
 // over input channels so no two threads add to one element) for "im2col".
 #include "overlap_patch_embed.h"
 
+#include "cpu_simd.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
@@ -79,15 +81,7 @@ int64_t chunk_rows(const PatchEmbedShape& s, int64_t elem_size) {
   return std::min(rows, s.M);
 }
 
-// The LayerNorm passes are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and the
-// loader picks the widest the CPU has (GCC function multiversioning); the build stays portable.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTSEG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTSEG_CLONES
-#endif
-#define FASTSEG_INLINE inline __attribute__((always_inline))
-
+// The LayerNorm passes are FASTSEG_CLONES (cpu_simd.h): compiled for AVX-512, AVX2+FMA and x86-64.
 constexpr int kLanes = 16;  // independent partial sums, so reductions vectorise
 
 // Pairwise (tree) sum of the kLanes partial sums: log2(kLanes) vectorisable steps instead of a

@@ -98,14 +98,10 @@ def check_inputs(x, h, h_bias, weight, bias, eps, out_dtype) -> None:
 
 # --- cpp backend ------------------------------------------------------------------------------------
 
-def _extension():
-    from fastseg.ops.overlap_patch_embed import extension
-
-    return extension()
-
-
 def _has_cpp_op() -> bool:
-    return not isinstance(_extension(), str) and hasattr(torch.ops.fastseg_ext, "add_layer_norm_fwd")
+    from fastseg.ops.overlap_patch_embed import extension_op_reasons
+
+    return not extension_op_reasons("add_layer_norm_fwd")
 
 
 _fakes_registered = False
@@ -190,11 +186,11 @@ def _add_layer_norm_cpp_into_h(x, h, h_bias, weight, bias, eps: float, out_dtype
 
 
 def _cpp_reasons(device: torch.device, dtype: torch.dtype, dtypes: tuple = (), **_) -> list[str]:
-    ext = _extension()
-    if isinstance(ext, str):
-        return [f"extension not built ({ext})"]
-    if not _has_cpp_op():
-        return ["the built extension predates add_layer_norm; rebuild with `pip install --no-build-isolation -e .`"]
+    from fastseg.ops.overlap_patch_embed import extension_op_reasons
+
+    reasons = extension_op_reasons("add_layer_norm_fwd")
+    if reasons:
+        return reasons
     reasons = []
     if device.type != "cpu":
         reasons.append(f"device type {device.type!r} (the C++ kernel takes CPU tensors)")

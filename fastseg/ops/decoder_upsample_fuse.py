@@ -279,14 +279,10 @@ def upsample_sum(maps, out_hw, bias=None, relu=False, classifier_weight=None, cl
 CPP_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _extension():
-    from fastseg.ops.overlap_patch_embed import extension
-
-    return extension()
-
-
 def _has_cpp_op() -> bool:
-    return not isinstance(_extension(), str) and hasattr(torch.ops.fastseg_ext, "decoder_head_fwd")
+    from fastseg.ops.overlap_patch_embed import extension_op_reasons
+
+    return not extension_op_reasons("decoder_head_fwd")
 
 
 def upsample_sum_cpp(maps, out_hw, bias=None, relu=False, classifier_weight=None, classifier_bias=None,
@@ -305,10 +301,11 @@ def upsample_sum_cpp(maps, out_hw, bias=None, relu=False, classifier_weight=None
 
 
 def _cpp_reasons(device: torch.device, dtype: torch.dtype, needs_grad: bool = False, **_) -> list[str]:
-    if not _has_cpp_op():
-        ext = _extension()
-        return [f"extension not built ({ext})" if isinstance(ext, str) else
-                "the built extension predates decoder_head; rebuild with `pip install --no-build-isolation -e .`"]
+    from fastseg.ops.overlap_patch_embed import extension_op_reasons
+
+    reasons = extension_op_reasons("decoder_head_fwd")
+    if reasons:
+        return reasons
     reasons = []
     if device.type != "cpu":
         reasons.append(f"device type {device.type!r} (the C++ kernel takes CPU tensors)")

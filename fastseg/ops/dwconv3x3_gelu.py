@@ -185,14 +185,10 @@ def folds_in_bias(device: torch.device, dtype: torch.dtype) -> bool:
 CPP_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _extension():
-    from fastseg.ops.overlap_patch_embed import extension  # the one loader of fastseg._C
-
-    return extension()
-
-
 def _has_cpp_op() -> bool:
-    return not isinstance(_extension(), str) and hasattr(torch.ops.fastseg_ext, "dwconv3x3_gelu_fwd")
+    from fastseg.ops.overlap_patch_embed import extension_op_reasons
+
+    return not extension_op_reasons("dwconv3x3_gelu_fwd")
 
 
 _cpp_fake_registered = False
@@ -267,11 +263,11 @@ def dwconv3x3_gelu_cpp(x, H, W, weight, bias, approximate="none", in_bias=None):
 
 
 def _cpp_reasons(device: torch.device, dtype: torch.dtype, **_) -> list[str]:
-    ext = _extension()
-    if isinstance(ext, str):
-        return [f"extension not built ({ext})"]
-    if not _has_cpp_op():
-        return ["the built extension predates dwconv3x3_gelu; rebuild with `pip install --no-build-isolation -e .`"]
+    from fastseg.ops.overlap_patch_embed import extension_op_reasons
+
+    reasons = extension_op_reasons("dwconv3x3_gelu_fwd")
+    if reasons:
+        return reasons
     reasons = []
     if device.type != "cpu":
         reasons.append(f"device type {device.type!r} (the C++ kernel takes CPU tensors)")

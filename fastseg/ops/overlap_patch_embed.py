@@ -151,6 +151,17 @@ def extension():
     return _extension_state
 
 
+def extension_op_reasons(op_name: str) -> list[str]:
+    """Why ``torch.ops.fastseg_ext.<op_name>`` cannot be called (empty: the loaded extension has
+    it). Every op with a ``cpp`` backend starts its reasons here."""
+    ext = extension()
+    if isinstance(ext, str):
+        return [f"extension not built ({ext})"]
+    if not hasattr(torch.ops.fastseg_ext, op_name):
+        return [f"the built extension predates {op_name}; rebuild with `pip install --no-build-isolation -e .`"]
+    return []
+
+
 def _register_fakes() -> None:
     """Shapes, dtypes and strides of the extension ops' outputs, for FakeTensor tracing."""
 
