@@ -27,7 +27,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace fastseg {
@@ -139,7 +138,7 @@ void run_bands(at::TensorList maps, const std::vector<MapView>& views, const std
     const int64_t cap = std::min(end - begin, rows_per_band) * W;
     at::Tensor acc = at::empty({cap, E}, opts.dtype(at::kFloat));
     at::Tensor low = kLow ? at::empty({cap, E}, opts) : at::Tensor();
-    std::vector<float> ones;
+    const std::vector<float> zeros(bias ? 0 : E, 0.f);  // "no bias" adds zeros
     std::vector<float> mixed(widest * E);  // one row-mixed source row of a map
     for (int64_t r0 = begin; r0 < end; r0 += rows_per_band) {
       const int64_t r1 = std::min(end, r0 + rows_per_band);
@@ -177,8 +176,7 @@ void run_bands(at::TensorList maps, const std::vector<MapView>& views, const std
           }
         }
       }
-      if (bias == nullptr && ones.empty()) ones.assign(E, 0.f);  // "no bias" adds zeros
-      const float* bvec = bias ? bias : ones.data();
+      const float* bvec = bias ? bias : zeros.data();
       at::Tensor ready;  // 3. bias + ReLU, rounded once for a bf16 classifier
       if constexpr (kLow) {
         uint16_t* lowp = reinterpret_cast<uint16_t*>(low.data_ptr<at::BFloat16>());
@@ -191,11 +189,6 @@ void run_bands(at::TensorList maps, const std::vector<MapView>& views, const std
       at::Tensor dst = out_flat.narrow(0, p0, P);  // 4. classifier, straight into the logits
       if (!cls_weight_t) {
         dst.copy_(ready);
-      } else if (kLow) {
-        // oneDNN's bf16 GEMM writing into a view of the logits goes through a temporary and a
-        // slow copy (measured); a fresh result plus a memcpy does not.
-        const at::Tensor logits = at::linear(ready, cls_weight_t->t(), cls_bias ? *cls_bias : at::Tensor());
-        std::memcpy(dst.data_ptr(), logits.data_ptr(), logits.nbytes());
       } else if (cls_bias) {
         at::addmm_out(dst, *cls_bias, ready, *cls_weight_t);
       } else {

@@ -306,7 +306,6 @@ def _cpp_reasons(device: torch.device, dtype: torch.dtype, needs_grad: bool = Fa
     reasons = extension_op_reasons("decoder_head_fwd")
     if reasons:
         return reasons
-    reasons = []
     if device.type != "cpu":
         reasons.append(f"device type {device.type!r} (the C++ kernel takes CPU tensors)")
     if dtype not in CPP_DTYPES:
