@@ -223,11 +223,20 @@ def _leftovers(dest: Path) -> list[tuple[str, Path]]:
     return sorted(found, key=lambda t: t[1].name)
 
 
-def _with_path(e: OSError, path) -> OSError:
-    """Name the user's path in an error that a write raised without one (e.g. ENOSPC from write())."""
-    if e.filename is None:
-        e.filename = str(path)
-    return e
+def _write_error(e: BaseException, path, tmp=None) -> BaseException:
+    """The error to raise for a failed write of ``path``: the ``OSError`` behind it (``torch.save``
+    wraps a full disk in a RuntimeError), naming ``path`` rather than our temporary ``tmp``."""
+    cause, seen = e, set()
+    while cause is not None and not isinstance(cause, OSError) and id(cause) not in seen:
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if not isinstance(cause, OSError):
+        return e
+    if cause.filename is None:
+        cause.filename = str(path)
+    elif tmp is not None and str(cause.filename).startswith(str(tmp)):
+        cause.filename = str(path) + str(cause.filename)[len(str(tmp)):]
+    return cause
 
 
 def recover(dest) -> Path:
@@ -244,10 +253,7 @@ def recover(dest) -> Path:
     """
     dest = Path(dest)
     left = _leftovers(dest)
-    if not left:
-        return dest
-    result = dest
-    if not os.path.lexists(dest):
+    if left and not os.path.lexists(dest):
         for tag in (NEW_TAG, OLD_TAG):  # roll forward if the new folder was complete, else back
             ready = [p for t, p in left if t == tag]
             if ready:
@@ -267,7 +273,7 @@ def recover(dest) -> Path:
                 m = _LEFTOVER_RE.match(inner)
                 if (m and not _pid_alive(int(m["pid"]))) or (not m and _LEGACY_TMP_RE.match(inner)):
                     _remove(dest / inner)
-    return result
+    return dest
 
 
 @contextlib.contextmanager
@@ -295,9 +301,10 @@ def atomic_write(path: Path, mode: str = "wb"):
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise _with_path(e, path)
-        raise
+        err = _write_error(e, path, tmp)
+        if err is e:
+            raise
+        raise err from None
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -379,9 +386,10 @@ def atomic_directory(dest, *, replaces=()):
     except BaseException as e:
         if tmp is not None:
             _remove(Path(tmp))
-        if isinstance(e, OSError):
-            raise _with_path(e, dest)
-        raise
+        err = _write_error(e, dest, tmp)
+        if err is e:
+            raise
+        raise err from None
 
 
 def _fsync_file(path: str) -> None:
