@@ -232,6 +232,8 @@ def _write_error(e: BaseException, path, tmp=None) -> BaseException:
         cause = cause.__cause__ or cause.__context__
     if not isinstance(cause, OSError):
         return e
+    if cause.errno is None:  # OSError("text"): a filename would not be shown
+        return cause
     if cause.filename is None:
         cause.filename = str(path)
     elif tmp is not None and str(cause.filename).startswith(str(tmp)):
