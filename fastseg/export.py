@@ -552,7 +552,7 @@ def _atomic_path(path: Path):
         os.chmod(tmp, file_mode())  # mkstemp's 0600 would survive the rename: give what open() gives
         os.replace(tmp, path)
     except OSError as e:
-        if e.filename is None or str(e.filename) == str(tmp):
+        if e.errno is not None and (e.filename is None or str(e.filename) == str(tmp)):
             e.filename = str(path)  # name the user's path (e.g. a full disk), not our temporary one
         raise
     finally:
