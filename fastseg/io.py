@@ -129,9 +129,10 @@ def read_json(path: Path) -> dict:
 # or used to finish the swap) from a live writer's work (left alone).
 
 TMP_TAG, NEW_TAG, OLD_TAG = "fastseg-tmp", "fastseg-new", "fastseg-old"
-# .<name>.<tag>-<pid>-<hex>[.tmp]: a file being written (.tmp), a folder being written (tmp), a
+# .<name>.<tag>-<pid>-<hex>[.suffix]: a file being written (.tmp, or the target's suffix for writers
+# that go by it), a folder being written (tmp), a
 # complete new folder waiting to be renamed into place (new), the old folder renamed aside (old).
-_LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?P<tag>fastseg-(?:tmp|new|old))-(?P<pid>\d+)-[0-9a-f]+(?:\.tmp)?$")
+_LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?P<tag>fastseg-(?:tmp|new|old))-(?P<pid>\d+)-[0-9a-f]+(?:\.\w+)?$")
 # What atomic_write's mkstemp named its files before fastseg 0.x tagged them: .<name>.<8 chars>.tmp.
 # Only weight, config and export files: a user's own ".notes.abcdefgh.tmp" is not ours.
 _LEGACY_TMP_RE = re.compile(r"^\.(?P<name>.+\.(?:safetensors|json|pth|pt|bin|ckpt|onnx|pt2))\.[a-z0-9_]{8}\.tmp$")
@@ -296,6 +297,33 @@ def atomic_write(path: Path, mode: str = "wb"):
             f.flush()
             _step("file-written")
             os.fsync(f.fileno())
+        _step("file-synced")
+        os.replace(tmp, path)
+        _step("file-renamed")
+        fsync_directory(path.parent)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        err = _write_error(e, path, tmp)
+        if err is e:
+            raise
+        raise err from None
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """For writers that take a file name (``onnx.save_model``, a compiler's output): yield a fresh
+    temporary path beside ``path`` to write; when the block succeeds the file there is fsynced, given
+    the umask's mode and renamed over ``path`` (as :func:`atomic_write` does for file objects)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
+    tmp = _tag_name(path, TMP_TAG, path.suffix or ".tmp")  # some writers go by the suffix (.pt2)
+    try:
+        yield tmp
+        _step("file-written")
+        _fsync_file(str(tmp))
+        os.chmod(tmp, file_mode())  # whatever mode the writer gave it: what open() would give
         _step("file-synced")
         os.replace(tmp, path)
         _step("file-renamed")

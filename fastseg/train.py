@@ -806,7 +806,9 @@ def _cli(argv=None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    return main(args)
+    from fastseg.errors import run_command
+
+    return run_command("train", main, args)
 
 
 if __name__ == "__main__":

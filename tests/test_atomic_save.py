@@ -268,6 +268,21 @@ def test_saves_honour_the_umask(tmp_path, umask):
     with fio.atomic_write(tmp_path / "a.json", "w") as f:
         f.write("{}")
     assert mode(tmp_path / "a.json") == file_mode
+    with fio.atomic_path(tmp_path / "e.onnx") as tmp:  # a writer that gives its file mkstemp's 0600
+        assert tmp.suffix == ".onnx"
+        os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))
+    assert mode(tmp_path / "e.onnx") == file_mode
+
+
+def test_atomic_path_failure_keeps_the_old_file_and_names_it(tmp_path):
+    target = tmp_path / "engine.onnx"
+    target.write_bytes(b"old")
+    with pytest.raises(OSError) as info:
+        with fio.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+    assert info.value.filename == str(target)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["engine.onnx"]
 
 
 def test_training_checkpoint_honours_the_umask(tmp_path, umask):
