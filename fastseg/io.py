@@ -224,6 +224,13 @@ def _leftovers(dest: Path) -> list[tuple[str, Path]]:
     return sorted(found, key=lambda t: t[1].name)
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _write_error(e: BaseException, path, tmp=None) -> BaseException:
     """The error to raise for a failed write of ``path``: the ``OSError`` behind it (``torch.save``
     wraps a full disk in a RuntimeError), naming ``path`` rather than our temporary ``tmp``."""
@@ -258,7 +265,7 @@ def recover(dest) -> Path:
     left = _leftovers(dest)
     if left and not os.path.lexists(dest):
         for tag in (NEW_TAG, OLD_TAG):  # roll forward if the new folder was complete, else back
-            ready = [p for t, p in left if t == tag]
+            ready = sorted((p for t, p in left if t == tag), key=_mtime)
             if ready:
                 try:
                     os.rename(ready[-1], dest)
@@ -372,7 +379,7 @@ def atomic_directory(dest, *, replaces=()):
     recover(dest)
     if dest.exists() and not dest.is_dir():
         raise NotADirectoryError(f"{dest} exists and is not a folder")
-    tmp = _tag_name(dest, TMP_TAG)
+    tmp, olds = _tag_name(dest, TMP_TAG), []
     try:
         os.mkdir(tmp, 0o777)  # the umask applies, as for mkdir(1)
         _step("dir-created")
@@ -390,7 +397,6 @@ def atomic_directory(dest, *, replaces=()):
         tmp = ready
         fsync_directory(dest.parent)
         _step("dir-ready")
-        olds = []
         for _ in range(8):  # another writer may swap the same dest between our renames: retry
             if dest.exists():
                 olds.append(_tag_name(dest, OLD_TAG))
@@ -414,6 +420,9 @@ def atomic_directory(dest, *, replaces=()):
         if olds:
             _step("dir-old-removed")
     except BaseException as e:
+        if olds and tmp is not None and not os.path.lexists(dest):
+            with contextlib.suppress(OSError):  # failed between the renames: put the old folder back
+                os.rename(olds[-1], dest)
         if tmp is not None:
             _remove(Path(tmp))
         err = _write_error(e, dest, tmp)

@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked
               pytest.mark.filterwarnings("ignore:.*LayerNorm eps:UserWarning")]
 
 KILLED = 86
+NEW_TAG = fio.NEW_TAG
 
 
 def tiny(num_classes: int) -> SegFormer:
@@ -212,6 +213,24 @@ def test_a_failing_writer_leaves_the_old_folder(tmp_path):
         with fio.atomic_directory(dest) as tmp:
             (tmp / "model.safetensors").write_bytes(b"partial")
             raise RuntimeError("boom")
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_failed_rename_into_place_puts_the_old_folder_back(tmp_path, monkeypatch):
+    dest = tmp_path / "model"
+    tiny(5).save_pretrained(dest)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    rename = os.rename
+
+    def refuse_new(src, dst):
+        if NEW_TAG in str(src) and str(dst) == str(dest):
+            raise PermissionError(13, "Permission denied", str(dst))
+        rename(src, dst)
+
+    monkeypatch.setattr(fio.os, "rename", refuse_new)
+    with pytest.raises(PermissionError):
+        tiny(7).save_pretrained(dest)
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 

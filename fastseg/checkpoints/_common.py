@@ -314,6 +314,7 @@ def model_directory(path: Path):
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:
+    recover(path)  # a killed save's swap finished first, so "exists" means what the user sees
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (fastseg convert --overwrite) to replace it")
 
