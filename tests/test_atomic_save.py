@@ -42,6 +42,7 @@ def run_killed_at(step: int, write) -> tuple[int, list[str]]:
         code = 0
         try:
             os.close(read_end)
+            torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork (as DataLoader workers do)
             seen = []
 
             def hook(name):
