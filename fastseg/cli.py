@@ -1,4 +1,8 @@
-"""Command line: ``fastseg bench | info | convert | train | eval | predict``."""
+"""Command line: ``fastseg bench | info | convert | train | eval | predict | export``.
+
+Every subcommand reports an expected failure (bad input, missing or unreadable file, full disk…)
+as one line on stderr and exits 1 (see :mod:`fastseg.errors`); ``FASTSEG_DEBUG=1`` adds the traceback.
+"""
 from __future__ import annotations
 
 import argparse
@@ -49,12 +53,9 @@ def convert(args) -> int:
     """``fastseg convert SRC OUT --to FORMAT``: any checkpoint fastseg reads, rewritten in another layout."""
     from fastseg import SETR, SegFormer, checkpoints
 
-    try:
-        saved = checkpoints.convert(args.src, args.out, args.to, model_classes={"segformer": SegFormer, "setr": SETR},
-                                    overwrite=args.overwrite, allow_eps_change=args.allow_eps_change)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"fastseg convert: error: {e}", file=sys.stderr)
-        return 1
+    # Errors (FileExistsError, CheckpointError, a full disk…) are reported by main, in one line.
+    saved = checkpoints.convert(args.src, args.out, args.to, model_classes={"segformer": SegFormer, "setr": SETR},
+                                overwrite=args.overwrite, allow_eps_change=args.allow_eps_change)
     print(f"wrote {saved.path} ({saved.format})")
     for note in saved.notes:
         print(f"  note: {note}")
@@ -100,7 +101,9 @@ def main(argv=None) -> int:
     p.set_defaults(func=export.main)
     args = parser.parse_args(argv)
     args.argv = argv[1:]
-    return args.func(args)
+    from fastseg.errors import run_command
+
+    return run_command(args.command, args.func, args)
 
 
 if __name__ == "__main__":

@@ -543,14 +543,42 @@ def _check_output(path) -> Path:
 def _atomic_path(path: Path):
     """A temporary path in ``path``'s folder; renamed onto ``path`` if the block succeeds, removed
     otherwise, so a failed export never leaves a half-written file."""
+    from fastseg.io import file_mode
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, file_mode())  # mkstemp's 0600 would survive the rename: give what open() gives
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno is not None and (e.filename is None or str(e.filename) == str(tmp)):
+            e.filename = str(path)  # name the user's path (e.g. a full disk), not our temporary one
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def max_opset() -> int | None:
+    """The newest ONNX opset the installed ``onnx`` knows (None without onnx)."""
+    try:
+        import onnx.defs
+    except ImportError:
+        return None
+    return int(onnx.defs.onnx_opset_version())
+
+
+def _check_opset(opset) -> None:
+    """Refuse, before any tracing, an opset outside [MIN_OPSET, the installed onnx's newest]."""
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise ExportError(f"opset must be an integer, got {opset!r}")
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset >= {MIN_OPSET}")
+    newest = max_opset()
+    if newest is not None and opset > newest:
+        raise ExportError(f"opset {opset} is newer than the installed onnx knows (newest: {newest}); "
+                          f"choose {MIN_OPSET}..{newest}")
 
 
 def _require(module: str):
@@ -667,8 +695,7 @@ def export_onnx(model, path, *, dynamic: bool = True, example_size=(512, 512), o
     Returns an :class:`ExportReport`; raises :class:`ExportError` on bad options.
     """
     model_kind(model)  # refuses anything but a SegFormer or SETR before any work
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset >= {MIN_OPSET}")
+    _check_opset(opset)
     size = _parse_size(example_size)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ExportError(f"batch must be a positive integer, got {batch!r}")
@@ -976,6 +1003,8 @@ def main(args) -> int:
         if args.static is None and args.batch != 1 and args.format == "onnx":
             raise ExportError("--batch fixes the batch of a --static graph; a dynamic ONNX graph takes any batch")
         _check_output(args.out)
+        if args.format == "onnx":
+            _check_opset(args.opset)  # before loading and tracing, which take a while
         say(f"loading {args.source}")
         model = load_source(args.source, args.model).eval()
         dynamic = args.static is None

@@ -40,7 +40,9 @@ import random
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -393,219 +395,300 @@ def build_transform(args, defaults):
                           photometric=PhotoMetricDistortion() if args.photometric else None)
 
 
-def run(args) -> dict:
-    from tqdm import tqdm
+@dataclass
+class _Run:
+    """Everything one training run holds, filled in by the steps of :func:`run` in order."""
 
-    from fastseg.data import TrainSampler, TrainSet, dataset_defaults
+    args: argparse.Namespace
+    ddp: Dist
+    say: Callable[[str], None]
+    out_dir: Path
+    ckpt_dir: Path
+    quiet: bool
+    # _setup
+    defaults: object = None
+    train_set: object = None
+    val_set: object = None
+    sampler: object = None
+    loader: object = None
+    model: nn.Module | None = None
+    model_name: str = ""
+    aux_weights: object = None
+    sync_bn: str = "off (single process)"
+    optimizer: object = None
+    scheduler: object = None
+    scaler: object = None
+    # _train_loop
+    log: RunLog | None = None
+    batches: object = None
+    bar: object = None
+    iteration: int = 0
+    last_metrics: dict | None = None
+    last_loss: float = float("nan")
+
+    @property
+    def device(self) -> torch.device:
+        return self.ddp.device
+
+
+def run(args) -> dict:
+    """Train as ``args`` say; returns the summary (also written to ``<out>/summary.json``).
+
+    The steps, in order: :func:`_setup` (seeds, data, model, optimiser), :func:`_resume` (from a
+    checkpoint), :func:`_train_loop` (optimiser steps, logging, :func:`_evaluate` and
+    :func:`_checkpoint` on their schedules), :func:`_finish` (summary and final model) and, whatever
+    happened, :func:`_teardown`.
+    """
+    from tqdm import tqdm
 
     if args.iters < 1 or args.batch < 1 or args.accum < 1:
         raise ValueError(f"--iters, --batch and --accum must be >= 1 (got {args.iters}, {args.batch}, {args.accum})")
     ddp = Dist(args.device)
-    device = ddp.device
-    out_dir = Path(args.out)
-    ckpt_dir = out_dir / "checkpoints"
-    quiet = args.quiet or not ddp.main
 
     def say(msg: str) -> None:
         if ddp.main:
             tqdm.write(msg, file=sys.stdout)
             sys.stdout.flush()
 
-    bar = log = loader = batches = None
+    out_dir = Path(args.out)
+    r = _Run(args, ddp, say, out_dir, out_dir / "checkpoints", args.quiet or not ddp.main)
     try:
-        if args.deterministic:
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        seed_everything(args.seed)
-
-        # data
-        args.data_seed = args.seed
-        train_set = dataset_from_args(args, args.train_split)
-        defaults = dataset_defaults(args.dataset, args.synthetic_size)
-        transform = build_transform(args, defaults)
-        val_set = dataset_from_args(args, args.val_split) if args.eval_every > 0 else None
-        sampler = TrainSampler(train_set, num_replicas=ddp.world, rank=ddp.rank, seed=args.seed)
-        if sampler.num_samples // args.batch == 0:
-            raise ValueError(f"{args.dataset} {args.train_split} has {len(train_set)} images: too few for "
-                             f"{ddp.world} process(es) x batch {args.batch}")
-        loader = torch.utils.data.DataLoader(
-            TrainSet(train_set, transform, seed=args.seed), batch_size=args.batch, sampler=sampler,
-            num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True,
-            persistent_workers=args.workers > 0,
-            # Its own generator, so creating loader iterators never consumes the global torch RNG.
-            generator=torch.Generator().manual_seed(args.seed))
-
-        # model
-        model_name = args.model or (None if args.init else "segformer-b0")
-        model = build_model(model_name, train_set.num_classes, init=args.init, overrides=args.model_config,
-                            img_size=transform.crop)
-        if model_name is None:
-            variant = getattr(model, "variant", None)
-            model_name = f"segformer-{variant}" if variant else "segformer-custom"
-        if args.init and ddp.main and getattr(model, "load_report", None) is not None:
-            say(str(model.load_report))
-        if hasattr(model, "set_fused"):
-            model.set_fused(args.fused)
-        elif args.fused:
-            raise ValueError(f"{type(model).__name__} has no fused path (set_fused)")
-        aux_weights = getattr(model, "aux_weights", None)
-        model.to(device)
-        sync_bn = "off (single process)"
+        _setup(r)
+        start = _resume(r)
         if ddp.enabled:
-            if device.type == "cuda":
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-                sync_bn = "on (BatchNorm layers converted to SyncBatchNorm)"
-            else:
-                sync_bn = ("off: SyncBatchNorm needs GPU tensors in this torch; on CPU/gloo the BatchNorm layers stay "
-                           "per process (batch statistics per rank, running statistics from rank 0)")
-            say(f"DDP: {ddp.world} processes, backend {ddp.backend}; SyncBatchNorm {sync_bn}")
-
-        optimizer = torch.optim.AdamW(
-            param_groups(model, args.lr, args.weight_decay, args.head_lr_mult,
-                         [k.strip() for k in args.no_decay_keys.split(",")],
-                         [k.strip() for k in args.head_keys.split(",")]),
-            lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
-        scheduler = PolyWarmup(optimizer, args.iters, args.warmup_iters, args.warmup_ratio, args.power, args.min_lr)
-        scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-        # Per-rank stream for dropout / drop-path; the model weights were drawn from args.seed above.
-        seed_everything(args.seed + ddp.rank)
-
-        # resume
-        start = 0
-        if ddp.main and ckpt_dir.is_dir():
-            for stale in ckpt_dir.glob(".iter_*.tmp"):
-                stale.unlink(missing_ok=True)
-        found = find_resume(args.resume, ckpt_dir, say) if args.resume else None
-        if args.resume and found is None:
-            say(f"--resume auto: no checkpoint in {ckpt_dir}, starting from scratch")
-        if found is not None:
-            path, ckpt = found
-            if ckpt["model_name"] != model_name or ckpt["num_classes"] != train_set.num_classes:
-                raise ValueError(f"{path} was trained as {ckpt['model_name']} with {ckpt['num_classes']} classes; "
-                                 f"this run is {model_name} with {train_set.num_classes}")
-            unwrap(model).load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            rngs = ckpt.get("rng") or []
-            if len(rngs) == ddp.world:
-                set_rng_state(rngs[ddp.rank])
-            else:
-                say(f"warning: {path} was written by {len(rngs)} process(es), this run has {ddp.world}: "
-                    "RNG streams are reseeded, so the continuation is not bit-exact")
-                seed_everything(args.seed + ddp.rank + 1000003 * int(ckpt["iteration"]))
-            start = int(ckpt["iteration"])
-            changed = {k: (v, getattr(args, k, None)) for k, v in ckpt.get("args", {}).items()
-                       if k in ("batch", "accum", "seed", "crop", "scale", "lr", "dataset", "amp")
-                       and v != plain_args(args).get(k)}
-            say(f"resumed from {path} at iteration {start}" + (f" (changed: {changed})" if changed else ""))
-
-        if ddp.enabled:
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-
-        log = RunLog(out_dir, ddp.main, not args.no_tensorboard, say)
-        batches = _data_batches(loader, sampler, args.batch, start * args.accum)
-        images_per_iter = args.batch * args.accum * ddp.world
-        last_metrics, last_loss = None, float("nan")
-        loss_window, t_window, n_window = 0.0, time.perf_counter(), 0
-        bar = tqdm(total=args.iters, initial=start, desc="train", unit="it", disable=quiet, file=sys.stderr,
-                   dynamic_ncols=True)
-        it = start
-        while it < args.iters:
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = torch.zeros((), device=device)
-            for micro in range(args.accum):
-                images, labels = next(batches)
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                sync = (model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel)
-                        and micro < args.accum - 1 else contextlib.nullcontext())
-                with sync:
-                    with autocast(device, args.amp):
-                        output = model(images)
-                    loss = seg_loss(output, labels, aux_weights) / args.accum
-                    scaler.scale(loss).backward()
-                step_loss += loss.detach()
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            lr = optimizer.param_groups[0]["lr"]  # the (backbone) lr this step used
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            it += 1
-
-            value = step_loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"the loss is {value} at iteration {it}; lower --lr, or use --amp bf16/none")
-            last_loss = value
-            loss_window += value
-            n_window += 1
-            if it % args.log_every == 0 or it == args.iters:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - t_window
-                ips = images_per_iter * n_window / max(elapsed, 1e-9)
-                mean_loss = loss_window / n_window
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
-                log.write(it, loss=mean_loss, lr=lr, images_per_s=ips)
-                loss_window, t_window, n_window = 0.0, time.perf_counter(), 0
-            bar.update(1)
-
-            if args.eval_every > 0 and (it % args.eval_every == 0 or it == args.iters):
-                if ddp.enabled:
-                    _sync_buffers(unwrap(model))
-                settings = _eval_settings(args, defaults)
-                last_metrics = evaluate_model(unwrap(model), val_set, **settings, device=device, amp=args.amp,
-                                              workers=args.workers, limit=args.eval_max_images, progress=not quiet)
-                log.write(it, aAcc=last_metrics["aAcc"], mIoU=last_metrics["mIoU"], mAcc=last_metrics["mAcc"])
-                say(f"iter {it}: mIoU {100 * last_metrics['mIoU']:.2f}  aAcc {100 * last_metrics['aAcc']:.2f}  "
-                    f"mAcc {100 * last_metrics['mAcc']:.2f}")
-                t_window = time.perf_counter()
-            if args.ckpt_every > 0 and (it % args.ckpt_every == 0 or it == args.iters):
-                if ddp.enabled:
-                    _sync_buffers(unwrap(model))
-                rngs = ddp.gather(rng_state())
-                if ddp.main:
-                    state = {
-                        "format": TRAIN_CHECKPOINT_FORMAT, "iteration": it, "model_name": model_name,
-                        "model_config": model_config_dict(unwrap(model)), "num_classes": train_set.num_classes,
-                        "class_names": list(train_set.class_names), "dataset": args.dataset,
-                        "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                        "world_size": ddp.world, "args": plain_args(args),
-                    }
-                    path = save_checkpoint(state, ckpt_dir, it, args.keep)
-                    bar.set_description(f"train (saved {path.name})")
-                ddp.barrier()
-                t_window = time.perf_counter()
-        bar.close()
-
-        if ddp.enabled:
-            _sync_buffers(unwrap(model))
-        digests = ddp.gather(weights_digest(unwrap(model)))
-        summary = {
-            "iterations": it, "final_loss": last_loss, "model": model_name, "dataset": args.dataset,
-            "num_classes": train_set.num_classes, "fused": bool(args.fused), "amp": args.amp,
-            "world_size": ddp.world, "sync_batchnorm": sync_bn, "weights_sha256": digests,
-            "ranks_identical": len(set(digests)) == 1,
-            "metrics": None if last_metrics is None else
-            {k: last_metrics[k] for k in ("aAcc", "mIoU", "mAcc", "IoU", "Acc")},
-        }
-        if ddp.main:
-            if args.save_final and hasattr(unwrap(model), "save_pretrained"):
-                unwrap(model).save_pretrained(out_dir / "final")
-                summary["final_model"] = str(out_dir / "final")
-            write_json(summary, out_dir / "summary.json")
-            say(f"done: {it} iterations, final loss {last_loss:.4f}; wrote {out_dir / 'summary.json'}")
-        ddp.finish()
-        return summary
+            r.model = nn.parallel.DistributedDataParallel(
+                r.model, device_ids=[r.device.index] if r.device.type == "cuda" else None)
+        _train_loop(r, start)
+        return _finish(r)
     finally:
-        _teardown(bar, log, batches, loader)
+        _teardown(r.bar, r.log, r.batches, r.loader)
         ddp.close()
+
+
+def _setup(r: _Run) -> None:
+    """Seeds, the data (train set, sampler, loader, val set), the model and the optimiser."""
+    from fastseg.data import TrainSampler, TrainSet, dataset_defaults
+
+    args, ddp = r.args, r.ddp
+    if args.deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(args.seed)
+
+    # data
+    args.data_seed = args.seed
+    r.train_set = dataset_from_args(args, args.train_split)
+    r.defaults = dataset_defaults(args.dataset, args.synthetic_size)
+    transform = build_transform(args, r.defaults)
+    r.val_set = dataset_from_args(args, args.val_split) if args.eval_every > 0 else None
+    r.sampler = TrainSampler(r.train_set, num_replicas=ddp.world, rank=ddp.rank, seed=args.seed)
+    if r.sampler.num_samples // args.batch == 0:
+        raise ValueError(f"{args.dataset} {args.train_split} has {len(r.train_set)} images: too few for "
+                         f"{ddp.world} process(es) x batch {args.batch}")
+    r.loader = torch.utils.data.DataLoader(
+        TrainSet(r.train_set, transform, seed=args.seed), batch_size=args.batch, sampler=r.sampler,
+        num_workers=args.workers, pin_memory=r.device.type == "cuda", drop_last=True,
+        persistent_workers=args.workers > 0,
+        # Its own generator, so creating loader iterators never consumes the global torch RNG.
+        generator=torch.Generator().manual_seed(args.seed))
+
+    # model
+    model_name = args.model or (None if args.init else "segformer-b0")
+    model = build_model(model_name, r.train_set.num_classes, init=args.init, overrides=args.model_config,
+                        img_size=transform.crop)
+    if model_name is None:
+        variant = getattr(model, "variant", None)
+        model_name = f"segformer-{variant}" if variant else "segformer-custom"
+    if args.init and ddp.main and getattr(model, "load_report", None) is not None:
+        r.say(str(model.load_report))
+    if hasattr(model, "set_fused"):
+        model.set_fused(args.fused)
+    elif args.fused:
+        raise ValueError(f"{type(model).__name__} has no fused path (set_fused)")
+    r.aux_weights = getattr(model, "aux_weights", None)
+    model.to(r.device)
+    if ddp.enabled:
+        if r.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            r.sync_bn = "on (BatchNorm layers converted to SyncBatchNorm)"
+        else:
+            r.sync_bn = ("off: SyncBatchNorm needs GPU tensors in this torch; on CPU/gloo the BatchNorm layers stay "
+                         "per process (batch statistics per rank, running statistics from rank 0)")
+        r.say(f"DDP: {ddp.world} processes, backend {ddp.backend}; SyncBatchNorm {r.sync_bn}")
+    r.model, r.model_name = model, model_name
+
+    # optimiser
+    r.optimizer = torch.optim.AdamW(
+        param_groups(model, args.lr, args.weight_decay, args.head_lr_mult,
+                     [k.strip() for k in args.no_decay_keys.split(",")],
+                     [k.strip() for k in args.head_keys.split(",")]),
+        lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+    r.scheduler = PolyWarmup(r.optimizer, args.iters, args.warmup_iters, args.warmup_ratio, args.power, args.min_lr)
+    r.scaler = torch.amp.GradScaler(r.device.type, enabled=args.amp == "fp16")
+    # Per-rank stream for dropout / drop-path; the model weights were drawn from args.seed above.
+    seed_everything(args.seed + ddp.rank)
+
+
+def _resume(r: _Run) -> int:
+    """Load ``--resume``'s checkpoint (model, optimiser, scheduler, scaler, RNG streams); the
+    iteration to start from (0 without one)."""
+    args, ddp = r.args, r.ddp
+    if ddp.main and r.ckpt_dir.is_dir():
+        for stale in r.ckpt_dir.glob(".iter_*.tmp"):  # a killed run's half-written checkpoint
+            stale.unlink(missing_ok=True)
+    found = find_resume(args.resume, r.ckpt_dir, r.say) if args.resume else None
+    if args.resume and found is None:
+        r.say(f"--resume auto: no checkpoint in {r.ckpt_dir}, starting from scratch")
+    if found is None:
+        return 0
+    path, ckpt = found
+    if ckpt["model_name"] != r.model_name or ckpt["num_classes"] != r.train_set.num_classes:
+        raise ValueError(f"{path} was trained as {ckpt['model_name']} with {ckpt['num_classes']} classes; "
+                         f"this run is {r.model_name} with {r.train_set.num_classes}")
+    unwrap(r.model).load_state_dict(ckpt["model"])
+    r.optimizer.load_state_dict(ckpt["optimizer"])
+    r.scheduler.load_state_dict(ckpt["scheduler"])
+    r.scaler.load_state_dict(ckpt["scaler"])
+    rngs = ckpt.get("rng") or []
+    if len(rngs) == ddp.world:
+        set_rng_state(rngs[ddp.rank])
+    else:
+        r.say(f"warning: {path} was written by {len(rngs)} process(es), this run has {ddp.world}: "
+              "RNG streams are reseeded, so the continuation is not bit-exact")
+        seed_everything(args.seed + ddp.rank + 1000003 * int(ckpt["iteration"]))
+    start = int(ckpt["iteration"])
+    changed = {k: (v, getattr(args, k, None)) for k, v in ckpt.get("args", {}).items()
+               if k in ("batch", "accum", "seed", "crop", "scale", "lr", "dataset", "amp")
+               and v != plain_args(args).get(k)}
+    r.say(f"resumed from {path} at iteration {start}" + (f" (changed: {changed})" if changed else ""))
+    return start
+
+
+def _train_loop(r: _Run, start: int) -> None:
+    """Optimiser steps from ``start`` to ``--iters``: log every ``--log-every``, evaluate every
+    ``--eval-every``, checkpoint every ``--ckpt-every`` (and each at the last iteration)."""
+    from tqdm import tqdm
+
+    args, device = r.args, r.device
+    r.log = RunLog(r.out_dir, r.ddp.main, not args.no_tensorboard, r.say)
+    r.batches = _data_batches(r.loader, r.sampler, args.batch, start * args.accum)
+    images_per_iter = args.batch * args.accum * r.ddp.world
+    loss_window, t_window, n_window = 0.0, time.perf_counter(), 0
+    r.bar = tqdm(total=args.iters, initial=start, desc="train", unit="it", disable=r.quiet, file=sys.stderr,
+                 dynamic_ncols=True)
+    r.iteration = start
+    while r.iteration < args.iters:
+        value, lr = _train_step(r)
+        r.iteration += 1
+        it = r.iteration
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the loss is {value} at iteration {it}; lower --lr, or use --amp bf16/none")
+        r.last_loss = value
+        loss_window += value
+        n_window += 1
+        if it % args.log_every == 0 or it == args.iters:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - t_window
+            ips = images_per_iter * n_window / max(elapsed, 1e-9)
+            mean_loss = loss_window / n_window
+            r.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+            r.log.write(it, loss=mean_loss, lr=lr, images_per_s=ips)
+            loss_window, t_window, n_window = 0.0, time.perf_counter(), 0
+        r.bar.update(1)
+
+        if args.eval_every > 0 and (it % args.eval_every == 0 or it == args.iters):
+            _evaluate(r)
+            t_window = time.perf_counter()  # evaluation time is not training throughput
+        if args.ckpt_every > 0 and (it % args.ckpt_every == 0 or it == args.iters):
+            _checkpoint(r)
+            t_window = time.perf_counter()
+    r.bar.close()
+
+
+def _train_step(r: _Run) -> tuple[float, float]:
+    """One optimiser step over ``--accum`` micro-batches: (its loss, the backbone lr it used)."""
+    args, model, device = r.args, r.model, r.device
+    model.train()
+    r.optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), device=device)
+    for micro in range(args.accum):
+        images, labels = next(r.batches)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        sync = (model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel)
+                and micro < args.accum - 1 else contextlib.nullcontext())
+        with sync:
+            with autocast(device, args.amp):
+                output = model(images)
+            loss = seg_loss(output, labels, r.aux_weights) / args.accum
+            r.scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    if args.clip_grad:
+        r.scaler.unscale_(r.optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+    lr = r.optimizer.param_groups[0]["lr"]  # the (backbone) lr this step used
+    r.scaler.step(r.optimizer)
+    r.scaler.update()
+    r.scheduler.step()
+    return step_loss.item(), lr
+
+
+def _evaluate(r: _Run) -> None:
+    """mIoU / aAcc / mAcc on the val split, logged and printed."""
+    if r.ddp.enabled:
+        _sync_buffers(unwrap(r.model))
+    settings = _eval_settings(r.args, r.defaults)
+    m = evaluate_model(unwrap(r.model), r.val_set, **settings, device=r.device, amp=r.args.amp,
+                       workers=r.args.workers, limit=r.args.eval_max_images, progress=not r.quiet)
+    r.last_metrics = m
+    r.log.write(r.iteration, aAcc=m["aAcc"], mIoU=m["mIoU"], mAcc=m["mAcc"])
+    r.say(f"iter {r.iteration}: mIoU {100 * m['mIoU']:.2f}  aAcc {100 * m['aAcc']:.2f}  mAcc {100 * m['mAcc']:.2f}")
+
+
+def _checkpoint(r: _Run) -> None:
+    """Rank 0 writes everything a bit-exact resume needs (every rank's RNG states included)."""
+    if r.ddp.enabled:
+        _sync_buffers(unwrap(r.model))
+    rngs = r.ddp.gather(rng_state())
+    if r.ddp.main:
+        state = {
+            "format": TRAIN_CHECKPOINT_FORMAT, "iteration": r.iteration, "model_name": r.model_name,
+            "model_config": model_config_dict(unwrap(r.model)), "num_classes": r.train_set.num_classes,
+            "class_names": list(r.train_set.class_names), "dataset": r.args.dataset,
+            "model": unwrap(r.model).state_dict(), "optimizer": r.optimizer.state_dict(),
+            "scheduler": r.scheduler.state_dict(), "scaler": r.scaler.state_dict(), "rng": rngs,
+            "world_size": r.ddp.world, "args": plain_args(r.args),
+        }
+        path = save_checkpoint(state, r.ckpt_dir, r.iteration, r.args.keep)
+        r.bar.set_description(f"train (saved {path.name})")
+    r.ddp.barrier()
+
+
+def _finish(r: _Run) -> dict:
+    """The summary (every rank's weight digest), the final model (``<out>/final``, written as a
+    whole: see :func:`fastseg.io.atomic_directory`) and ``summary.json``."""
+    args, ddp, model = r.args, r.ddp, r.model
+    if ddp.enabled:
+        _sync_buffers(unwrap(model))
+    digests = ddp.gather(weights_digest(unwrap(model)))
+    summary = {
+        "iterations": r.iteration, "final_loss": r.last_loss, "model": r.model_name, "dataset": args.dataset,
+        "num_classes": r.train_set.num_classes, "fused": bool(args.fused), "amp": args.amp,
+        "world_size": ddp.world, "sync_batchnorm": r.sync_bn, "weights_sha256": digests,
+        "ranks_identical": len(set(digests)) == 1,
+        "metrics": None if r.last_metrics is None else
+        {k: r.last_metrics[k] for k in ("aAcc", "mIoU", "mAcc", "IoU", "Acc")},
+    }
+    if ddp.main:
+        if args.save_final and hasattr(unwrap(model), "save_pretrained"):
+            unwrap(model).save_pretrained(r.out_dir / "final")
+            summary["final_model"] = str(r.out_dir / "final")
+        write_json(summary, r.out_dir / "summary.json")
+        r.say(f"done: {r.iteration} iterations, final loss {r.last_loss:.4f}; wrote {r.out_dir / 'summary.json'}")
+    ddp.finish()
+    return summary
 
 
 def _teardown(bar, log, batches, loader) -> None:
@@ -723,7 +806,9 @@ def _cli(argv=None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    return main(args)
+    from fastseg.errors import run_command
+
+    return run_command("train", main, args)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-from fastseg.io import CheckpointError
+from fastseg.io import CheckpointError, recover
 
 from . import _segformer, _setr, native, registry
 from ._common import ConversionError, LoadReport, Source, preview, read_source
@@ -131,6 +131,7 @@ def convert(source, out, to: str, *, model_classes: dict, overwrite: bool = Fals
             **load_options) -> Saved:
     """Load ``source`` (any format) with the class ``model_classes[family]`` and write it as ``to``."""
     out = Path(out)
+    recover(out)  # a killed earlier save: finish its swap before asking what exists
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     src = read_source(source)

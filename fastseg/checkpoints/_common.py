@@ -16,9 +16,11 @@ import torch
 from fastseg.version import __version__
 from fastseg.io import (
     CheckpointError,
+    atomic_directory,
     atomic_write,
     load_weights_file,
     read_json,
+    recover,
     save_json_atomic,
     save_safetensors_atomic,
 )
@@ -27,6 +29,10 @@ FASTSEG_CONFIG = "fastseg_config.json"
 WEIGHTS_FILE = "model.safetensors"
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Files of a model folder (any format fastseg writes or reads) that a new save into the folder
+# supersedes even where it does not write them; anything else there is the user's and is kept.
+MODEL_FILE_PATTERNS = (FASTSEG_CONFIG, "config.json", *HF_WEIGHT_FILES, *HF_INDEX_FILES,
+                       "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
 
 
 class ConversionError(CheckpointError):
@@ -281,7 +287,7 @@ def read_source(source) -> Source:
         return Source(tensors, "state dict", meta=meta)
     if not isinstance(source, (str, Path)):
         raise TypeError(f"source must be a path, a HuggingFace repo id or a state dict, got {type(source).__name__}")
-    path = Path(source)
+    path = recover(Path(source))  # a save killed mid-swap: finish or undo it first
     if not path.exists():
         from . import hf_cache
 
@@ -301,7 +307,14 @@ def read_source(source) -> Source:
 
 # --- writing ----------------------------------------------------------------------------------------
 
+def model_directory(path: Path):
+    """``with model_directory(path) as tmp:`` write a model folder's files into ``tmp``; it then
+    replaces ``path`` as a whole (:func:`fastseg.io.atomic_directory`), keeping the user's other files."""
+    return atomic_directory(path, replaces=MODEL_FILE_PATTERNS)
+
+
 def refuse_existing(path: Path, overwrite: bool) -> None:
+    recover(path)  # a killed save's swap finished first, so "exists" means what the user sees
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (fastseg convert --overwrite) to replace it")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import _mit
-from ._common import (WEIGHTS_FILE, Converted, Rules, has_key, refuse_existing, save_json_atomic,
+from ._common import (WEIGHTS_FILE, Converted, Rules, has_key, model_directory, refuse_existing, save_json_atomic,
                       save_safetensors_atomic)
 
 NAME = "hf_legacy"
@@ -145,6 +145,7 @@ def write(path: Path, tensors: dict, config, overwrite: bool) -> Path:
     refuse_existing(path, overwrite)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a directory")
-    save_safetensors_atomic(tensors, path / WEIGHTS_FILE, {"format": "pt"})
-    save_json_atomic(hf_config(config), path / "config.json")
+    with model_directory(path) as tmp:  # config.json and weights replace the old ones together
+        save_safetensors_atomic(tensors, tmp / WEIGHTS_FILE, {"format": "pt"})
+        save_json_atomic(hf_config(config), tmp / "config.json")
     return path

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 from . import _mit
-from ._common import (FASTSEG_CONFIG, WEIGHTS_FILE, Converted, has_key, refuse_existing, save_json_atomic,
-                      save_safetensors_atomic)
+from ._common import (FASTSEG_CONFIG, WEIGHTS_FILE, Converted, has_key, model_directory, refuse_existing,
+                      save_json_atomic, save_safetensors_atomic)
 
 NAME = "fastseg"
 FAMILY = None  # both; see family()
@@ -54,6 +54,7 @@ def write(path: Path, tensors: dict, config, overwrite: bool, architecture: str 
         return path
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a directory")
-    save_safetensors_atomic(tensors, path / WEIGHTS_FILE, metadata)
-    save_json_atomic({"format": "fastseg", "architecture": architecture, "config": cfg}, path / FASTSEG_CONFIG)
+    with model_directory(path) as tmp:
+        save_safetensors_atomic(tensors, tmp / WEIGHTS_FILE, metadata)
+        save_json_atomic({"format": "fastseg", "architecture": architecture, "config": cfg}, tmp / FASTSEG_CONFIG)
     return path

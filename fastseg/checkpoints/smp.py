@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import _mit
-from ._common import (WEIGHTS_FILE, CheckpointError, ConversionError, Converted, Rules, has_key,
+from ._common import (WEIGHTS_FILE, CheckpointError, ConversionError, Converted, Rules, has_key, model_directory,
                       refuse_existing, save_json_atomic, save_weights_file)
 
 NAME = "smp"
@@ -105,6 +105,7 @@ def write(path: Path, tensors: dict, config, overwrite: bool) -> Path:
         return path
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a directory")
-    save_weights_file(tensors, path / WEIGHTS_FILE, {"format": "pt"})
-    save_json_atomic(smp_config(config), path / "config.json")
+    with model_directory(path) as tmp:
+        save_weights_file(tensors, tmp / WEIGHTS_FILE, {"format": "pt"})
+        save_json_atomic(smp_config(config), tmp / "config.json")
     return path
