@@ -229,3 +229,65 @@ def test_argmax_of_a_nan_row_is_the_first_nan():
         with dispatch.use_backend(backend):
             got = ops.upsample_argmax(logits, (2, 1))
         assert got.flatten().tolist() == want, backend
+
+
+# --- the whole model --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def b0_pair():
+    import copy
+
+    from fastseg import SegFormer, SegFormerConfig
+    from oracles import randomize_
+
+    ref = randomize_(SegFormer(config=SegFormerConfig.from_variant("b0", num_classes=7)), seed=0).eval()
+    return ref, copy.deepcopy(ref).set_fused(True)
+
+
+@pytest.mark.parametrize("value", ["nan", "+inf"])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_segformer_b0_one_bad_pixel_gives_nan_logits_for_that_image_only(b0_pair, backend, value):
+    """One NaN / +Inf pixel in image 0: the reference's logits for image 0 are all NaN (attention
+    spreads it over the whole image), image 1's are finite; the fused model (the automatic CPU
+    backends: the C++ kernels; or all-torch) gives the same, and upsample_argmax labels agree."""
+    ref, fused = b0_pair
+    x = torch.randn(2, 3, 61, 47)
+    x[0, 1, 30, 20] = NONFINITE[value]
+    with torch.inference_mode():
+        want = ref(x)
+        if backend == "auto":
+            got = fused(x)
+        else:
+            with dispatch.use_backend(backend):
+                got = fused(x)
+    assert want[0].isnan().all() and torch.isfinite(want[1]).all()
+    assert got[0].isnan().all(), f"fused: {int(torch.isfinite(got[0]).sum())} finite logits in the bad image"
+    assert torch.isfinite(got[1]).all()
+    torch.testing.assert_close(got[1], want[1], rtol=1e-3, atol=1e-3)
+    with torch.inference_mode():
+        labels_ref = ops.upsample_argmax_reference(want, x.shape[2:])
+        labels = ops.upsample_argmax(got, x.shape[2:])
+    assert (labels[0] == 0).all() and torch.equal(labels[0], labels_ref[0])  # the first NaN class
+    assert (labels[1] == labels_ref[1]).float().mean() > 0.999
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+def test_checkpoint_with_a_nan_weight_is_noted_and_warned(tmp_path):
+    from fastseg import SegFormer, SegFormerConfig
+
+    model = SegFormer(config=SegFormerConfig.from_variant("b0", num_classes=5))
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean checkpoint loads without any warning
+        clean = SegFormer.from_pretrained(sd)
+    assert not any("NaN" in n for n in clean.load_report.notes)
+    sd["decoder.classifier.weight"][2, 3] = float("nan")
+    sd["encoder.stages.0.blocks.0.mlp.fc1.bias"][0] = float("inf")
+    with pytest.warns(RuntimeWarning, match="2 tensor.*NaN or Inf.*decoder.classifier.weight") as caught:
+        loaded = SegFormer.from_pretrained(sd)
+    assert len([w for w in caught if "NaN or Inf" in str(w.message)]) == 1
+    note = [n for n in loaded.load_report.notes if "NaN or Inf" in n]
+    assert len(note) == 1 and "decoder.classifier.weight" in note[0] and "fc1.bias" in note[0]
+    assert "NaN or Inf" in str(loaded.load_report)
+    assert loaded.decoder.classifier.weight[2, 3].isnan()  # loaded as is, as the reference would compute
