@@ -291,3 +291,25 @@ def test_checkpoint_with_a_nan_weight_is_noted_and_warned(tmp_path):
     assert len(note) == 1 and "decoder.classifier.weight" in note[0] and "fc1.bias" in note[0]
     assert "NaN or Inf" in str(loaded.load_report)
     assert loaded.decoder.classifier.weight[2, 3].isnan()  # loaded as is, as the reference would compute
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_segment_labels_of_nan_regions_match_the_two_step_path(b0_pair, mode):
+    """The label paths of fastseg.inference (fused upsample + argmax; the banded multi-window
+    average) give the two-step labels where the averaged probabilities are NaN: the first NaN
+    class, 0. Slide mode: only the windows that hold the bad pixel are NaN."""
+    from fastseg.inference import segment, segment_labels
+
+    _, fused = b0_pair
+    x = torch.randn(1, 3, 61, 47)
+    x[0, 2, 5, 40] = float("nan")
+    kw = dict(mode=mode, crop=32, stride=24) if mode == "slide" else dict(mode=mode, flip=True)
+    with torch.inference_mode():
+        probs = segment(fused, x, **kw)
+        two_step = probs.argmax(1)
+        labels = segment_labels(fused, x, **kw)
+    bad = probs.isnan().any(1)
+    assert bad.any() and (mode == "whole" or not bad.all())
+    assert (two_step[bad] == 0).all() and torch.equal(labels[bad], two_step[bad])
+    if not bad.all():
+        assert (labels[~bad] == two_step[~bad]).float().mean() > 0.999
