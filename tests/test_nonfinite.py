@@ -348,3 +348,20 @@ def test_segment_labels_of_nan_regions_match_the_two_step_path(b0_pair, mode):
     assert (two_step[bad] == 0).all() and torch.equal(labels[bad], two_step[bad])
     if not bad.all():
         assert (labels[~bad] == two_step[~bad]).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("into", ["small map", "projection input"])
+def test_upsample_sum_torch_banded_keeps_nan(monkeypatch, into):
+    """The torch backend's banded inference form (large outputs; forced here with tiny bands): NaN
+    exactly where the reference has it. (±Inf in a resized map is not matched there: it mixes rows
+    by a lerp and then columns, and 0 · Inf = NaN reaches other pixels than in F.interpolate's
+    columns-then-rows order; the cpp backend, the CPU choice, matches Inf too.)"""
+    value = "nan"
+    import fastseg.ops.decoder_upsample_fuse as duf
+
+    monkeypatch.setattr(duf, "BAND_ELEMENTS", 64)
+    maps, out_hw, bias, cls_w, cls_b, project = _decoder_case(torch.float32, value, into)
+    ref = ops.upsample_sum_reference(maps, out_hw, bias, False, project=project)
+    with torch.no_grad():
+        out = run_forced("torch", ops.upsample_sum, maps, out_hw, bias, False, project=project)
+    assert_same_nonfinite(out, ref, torch.float32)
