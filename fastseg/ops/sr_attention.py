@@ -69,6 +69,7 @@ def sr_attention_torch(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale:
     # A non-finite value in a query row makes all its scores NaN or ±inf, so the reference's
     # softmax row is NaN; SDPA's CPU kernels treat a row with no finite score as fully masked and
     # return 0 there. q·0 is 0 where q is finite and NaN where it is not: add its per-head sum.
+    # (Not covered: a row whose scores are all -inf through an Inf in k alone, with a tiny Nkv.)
     return (out.view(B, N, num_heads, D) + (qh.transpose(1, 2) * 0).sum(-1, keepdim=True)).view(B, N, C)
 
 
