@@ -81,7 +81,7 @@ FASTSEG_CLONES void finish(float* __restrict acc, const float* bias, bool relu, 
   if (relu) {
     for (int64_t e = 0; e < n; ++e) {
       const float v = acc[e] + bias[e];
-      acc[e] = v > 0.f ? v : 0.f;
+      acc[e] = v < 0.f ? 0.f : v;  // not `v > 0 ? v : 0`: NaN must pass, as torch.relu
     }
   } else {
     for (int64_t e = 0; e < n; ++e) acc[e] += bias[e];
@@ -92,7 +92,7 @@ FASTSEG_CLONES void finish(uint16_t* __restrict dst, const float* acc, const flo
   if (relu) {
     for (int64_t e = 0; e < n; ++e) {
       const float v = acc[e] + bias[e];
-      dst[e] = float_to_bf16(v > 0.f ? v : 0.f);
+      dst[e] = float_to_bf16(v < 0.f ? 0.f : v);  // NaN passes
     }
   } else {
     for (int64_t e = 0; e < n; ++e) dst[e] = float_to_bf16(acc[e] + bias[e]);

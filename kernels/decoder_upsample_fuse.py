@@ -130,8 +130,8 @@ def _resized_sum_tile(b, oy, ox, offs_e, mask, BIAS, stride_bias, E,
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_e * stride_bias, mask=offs_e < E, other=0.0).to(tl.float32)
         s += bias[None, :]
-    if RELU:
-        s = tl.maximum(s, 0.0)
+    if RELU:  # not tl.maximum(s, 0): it returns 0 for NaN (maxnum), torch.relu keeps NaN
+        s = tl.where(s < 0.0, 0.0, s)
     # Padded pixels/channels must be exactly 0 (bias or ReLU could make them non-zero), so the
     # classifier dot sees nothing from outside the tile.
     return tl.where(mask, s, 0.0)

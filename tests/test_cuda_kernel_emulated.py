@@ -154,3 +154,29 @@ def test_emulated_cuda_kernel_refuses_what_it_cannot_take(emulator):
     with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
         emulator.overlap_patch_embed_fwd(x.double(), w[:16].double(), v[:16].double(), v[:16].double(),
                                          v[:16].double(), 2, 1, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_cuda_kernel_propagates_nonfinite(emulator, dtype):
+    """NaN / +Inf / -Inf pixels: NaN and ±Inf in the tokens exactly where the reference has them
+    (a LayerNorm row that sees one is NaN), the rest close to it (tests/test_nonfinite.py checks
+    the CPU backends the same way)."""
+    from test_nonfinite import NONFINITE, assert_same_nonfinite, plant
+
+    fn = emulated(emulator)
+    for value in NONFINITE.values():
+        for tokens in (False, True):
+            if tokens:
+                H, W, Cin, k, s, hw = 9, 7, 8, 3, 2, (9, 7)
+                x = plant(torch.randn(2, H * W, Cin, dtype=dtype), value, [(0, 20, 3), (1, 0, 0)])
+            else:
+                Cin, k, s, hw = 3, 7, 4, None
+                x = plant(torch.randn(2, Cin, 13, 11, dtype=dtype), value, [(0, 1, 6, 5), (1, 2, 12, 0)])
+            C = 16
+            w, b = torch.randn(C, Cin, k, k, dtype=dtype) * 0.2, torch.randn(C, dtype=dtype)
+            lw, lb = torch.rand(C, dtype=dtype) + 0.5, torch.randn(C, dtype=dtype)
+            ref = overlap_patch_embed_reference(x, w, b, s, lw, lb, 1e-6, hw)[0]
+            assert not torch.isfinite(ref).all()
+            with torch.no_grad():
+                out = fn(x, w, b, s, lw, lb, 1e-6, hw)[0]
+            assert_same_nonfinite(out, ref, dtype, f"{value} {'tokens' if tokens else 'image'}")

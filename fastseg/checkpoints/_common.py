@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,6 +166,22 @@ def check_fit(model_name: str, description: str, sd: dict, expected: dict, allow
         raise CheckpointError(f"{description}: " + missing_message(model_name, missing, extra, title))
     if missing or extra:
         notes.append(missing_message(model_name, missing, extra, title))
+
+
+def note_nonfinite(description: str, sd: dict, expected: dict, notes: list[str], origin: dict | None = None) -> None:
+    """Tensors with NaN or Inf load as they are (the reference computes with them as well), but
+    never silently: a note in the load report and one warning naming them. Such a model's
+    logits are NaN wherever those weights reach, in every backend."""
+    bad = [k for k, v in sd.items()
+           if k in expected and isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if not bad:
+        return
+    origin = origin or {}
+    names = [f"{origin[k]} (fastseg {k})" if origin.get(k, k) != k else k for k in bad]
+    msg = f"{len(bad)} tensor(s) hold NaN or Inf values: {preview(names, 5)}"
+    notes.append(msg)
+    # stacklevel: this function, load(), load_pretrained(), from_pretrained(), the caller
+    warnings.warn(f"{description}: {msg}; the model's outputs will be NaN/Inf", RuntimeWarning, stacklevel=5)
 
 
 def copy_into(model: torch.nn.Module, sd: dict) -> int:

@@ -6,7 +6,8 @@ import re
 import warnings
 
 from . import native
-from ._common import CheckpointError, LoadReport, check_fit, materialise, missing_message, skeleton
+from ._common import (CheckpointError, LoadReport, check_fit, materialise, missing_message, note_nonfinite,
+                      skeleton)
 
 
 def infer_config(cls, sd: dict, title: str, hints: dict, decoder: str | None):
@@ -101,6 +102,7 @@ def load(cls, src, fmt, converted, *, num_classes=None, fused=False, decoder=Non
     expected = built.state_dict()
     check_fit("SegFormer", src.description, sd, expected, allowed_missing, list(converted.unexpected),
               fmt.TITLE, strict, report.notes, converted.origin)
+    note_nonfinite(src.description, sd, expected, report.notes, converted.origin)
     model, report.loaded = materialise(cls, cfg, fused, built, on_meta, sd)
     model.load_report = report
     return model

@@ -6,7 +6,8 @@ import re
 import warnings
 
 from . import native
-from ._common import CheckpointError, LoadReport, check_fit, materialise, missing_message, skeleton
+from ._common import (CheckpointError, LoadReport, check_fit, materialise, missing_message, note_nonfinite,
+                      skeleton)
 
 HEAD_PREFIXES = ("decoder.", "neck.", "aux_heads.")
 
@@ -161,6 +162,7 @@ def load(cls, src, fmt, converted, *, num_classes=None, decoder=None, img_size=N
     expected = built.state_dict()
     check_fit("SETR", src.description, sd, expected, allowed_missing, list(converted.unexpected),
               fmt.TITLE, strict, report.notes, converted.origin)
+    note_nonfinite(src.description, sd, expected, report.notes, converted.origin)
     model, report.loaded = materialise(cls, cfg, fused, built, on_meta, sd)
     model.load_report = report
     return model

@@ -65,7 +65,12 @@ def sr_attention_torch(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale:
     vh = kv[..., C:].unflatten(-1, (num_heads, D)).transpose(1, 2)
     out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
     # SDPA returns (B, h, N, D) as a transposed view of (B, N, h, D) storage: reshape is free.
-    return out.transpose(1, 2).reshape(B, N, C)
+    out = out.transpose(1, 2).reshape(B, N, C)
+    # A non-finite value in a query row makes all its scores NaN or ±inf, so the reference's
+    # softmax row is NaN; SDPA's CPU kernels treat a row with no finite score as fully masked and
+    # return 0 there. q·0 is 0 where q is finite and NaN where it is not: add its per-head sum.
+    # (Not covered: a row whose scores are all -inf through an Inf in k alone, with a tiny Nkv.)
+    return (out.view(B, N, num_heads, D) + (qh.transpose(1, 2) * 0).sum(-1, keepdim=True)).view(B, N, C)
 
 
 # --- triton backend -----------------------------------------------------------------------------

@@ -7,6 +7,14 @@ logits: (B, K, h, w), any strides (the eager SegFormer returns NCHW, the fused o
 view); size = (H, W); labels: (B, H, W) int64; scores: (B, H, W) in the logits' dtype. Ties go to the first maximum and NaN counts as the
 maximum, as ``torch.argmax``.
 
+Non-finite logits, on every backend: a pixel whose interpolated classes hold a NaN gets the
+*first* NaN class (torch.argmax's rule: NaN beats +Inf; so an all-NaN image, what a NaN input
+pixel makes of SegFormer's logits, is labelled 0 everywhere) and the score NaN; otherwise the
+first maximum, +Inf included. The interpolated values are F.interpolate's, non-finite ones
+included: a tap of weight 0 still multiplies (0 · Inf = NaN), so an Inf logit also turns into NaN
+at the output pixels whose bilinear stencil reaches it with weight 0 — the two-step path does the
+same. tests/test_nonfinite.py checks every backend against the reference.
+
 Backends (:mod:`fastseg.ops.dispatch`):
 
 - ``triton``: ``fastseg.kernels.upsample_argmax`` — one program per output row and column block,
