@@ -135,7 +135,10 @@ def peak_from_rows(rows: list[dict], dtype_name: str) -> dict | None:
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def store_peak(peak: dict) -> None:
+def store_peak(peak: dict) -> dict:
+    """Keep ``peak`` in the cache unless a higher one for the same key is there; returns the kept one.
+
+    A peak is a maximum: a measurement on a busy machine must not lower it for every later run."""
     from fastseg.io import save_json_atomic
 
     path = _cache_path()
@@ -143,12 +146,16 @@ def store_peak(peak: dict) -> None:
         table = json.loads(path.read_text())
     except (OSError, ValueError):
         table = {}
-    table[_peak_key(peak["dtype"])] = peak
+    key = _peak_key(peak["dtype"])
+    if isinstance(table.get(key), dict) and table[key].get("gflops", 0) >= peak["gflops"]:
+        return table[key]
+    table[key] = peak
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_json_atomic(table, path)
     except OSError:
         pass  # a read-only home only costs the measurement again
+    return peak
 
 
 def peak(dtype: torch.dtype | str, measure_if_missing: bool = True, budget_s: float = 0.3) -> dict | None:
@@ -156,7 +163,8 @@ def peak(dtype: torch.dtype | str, measure_if_missing: bool = True, budget_s: fl
 
     Read from the cache (``$FASTSEG_CACHE_DIR`` or ``~/.cache/fastseg``/gemm_peak.json, keyed by
     CPU, flags, torch version and thread count); measured (about a second per implementation)
-    and stored when missing, unless ``measure_if_missing`` is False (then None)."""
+    and stored when missing, unless ``measure_if_missing`` is False (then None). Measured on a
+    busy machine it reads low; ``benchmarks/gemm_peak.py`` on a quiet one raises it."""
     name = dtype if isinstance(dtype, str) else next((k for k, v in DTYPES.items() if v == dtype), None)
     if name not in DTYPES:
         return None
@@ -169,9 +177,7 @@ def peak(dtype: torch.dtype | str, measure_if_missing: bool = True, budget_s: fl
     if not measure_if_missing:
         return None
     result = peak_from_rows(sweep({"peak": PEAK_SHAPE}, dtypes=(name,), budget_s=budget_s), name)
-    if result is not None:
-        store_peak(result)
-    return result
+    return store_peak(result) if result is not None else None
 
 
 # --- what a model run gets ------------------------------------------------------------------------

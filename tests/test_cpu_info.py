@@ -200,8 +200,12 @@ def test_the_peak_is_measured_once_and_cached_per_thread_count(tmp_path, monkeyp
     rows = cpu_gemm.sweep({"peak": cpu_gemm.PEAK_SHAPE}, dtypes=("fp32",), budget_s=0.0)
     first = cpu_gemm.peak_from_rows(rows, "fp32")
     assert first["gflops"] == max(r["best_gflops"] for r in rows) and first["impl"] in cpu_gemm.IMPLS
-    cpu_gemm.store_peak(first)
+    assert cpu_gemm.store_peak(first) == first
     assert cpu_gemm.peak(torch.float32, measure_if_missing=False) == first
+    slower = {**first, "gflops": first["gflops"] / 2}  # measured on a busy machine: must not lower the peak
+    assert cpu_gemm.store_peak(slower) == first and cpu_gemm.peak("fp32", measure_if_missing=False) == first
+    faster = {**first, "gflops": first["gflops"] * 2}
+    assert cpu_gemm.store_peak(faster) == faster and cpu_gemm.peak("fp32", measure_if_missing=False) == faster
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads + 1)
