@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=0.5, help="seconds of repeats per (shape, dtype, implementation)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--no-cache-update", action="store_true", help="leave the peak fastseg bench reads as it is")
+    ap.add_argument("--note", default="", help="a note for the record, e.g. how busy the machine was")
     args = ap.parse_args(argv)
 
     cpu = cpu_info.record()
@@ -54,12 +55,13 @@ def main(argv=None) -> int:
               "timing": f"best and median of the repeats within {args.budget} s per cell, after one warm-up call",
               "impls": {"aten": "torch.addmm(bias, x, w.t()) (F.linear's path)",
                         "onednn": "torch.ops.mkldnn._linear_pointwise, weight packed by mkldnn._reorder_linear_weight"},
-              "peaks": peaks, "rows": rows}
+              "note": args.note, "peaks": peaks, "rows": rows}
     lines = [f"# GEMM rate: aten vs oneDNN, {cpu['label']}", "",
              f"- CPU: {cpu_info.short(cpu)}",
              f"- ISA flags: {', '.join(f for f, on in cpu['isa_flags'].items() if on) or 'none tracked'}",
              f"- torch {torch.__version__}, oneDNN {cpu.get('onednn_version')}, date {record['date']}",
              f"- command: `{record['command']}`", f"- timing: {record['timing']}",
+             *([f"- note: {args.note}"] if args.note else []),
              "- aten = `torch.addmm` (what `F.linear` runs); oneDNN = `mkldnn._linear_pointwise` on a packed weight",
              "", "| shape (M×K · K×N) | dtype | aten GFLOP/s | oneDNN GFLOP/s | oneDNN / aten |",
              "|---|---|---:|---:|---:|"]
