@@ -253,7 +253,7 @@ def gemm_lines(record: dict) -> list[str]:
     if not rows:
         return []
     g = rows[0]["gemm"]
-    peak = (f"{g['peak_gflops']:.0f} GFLOP/s ({g['peak_impl']}, this CPU's best {record['config']['dtype']} GEMM on "
+    peak = (f"{g['peak_gflops']:.3g} GFLOP/s ({g['peak_impl']}, this CPU's best {record['config']['dtype']} GEMM on "
             f"a large shape; `python benchmarks/gemm_peak.py` for the table)" if g.get("peak_gflops") else "not measured")
     share = ", ".join(f"{r['mode']} {100 * r['gemm']['share_of_forward']:.0f}%" for r in rows
                       if r["gemm"].get("share_of_forward"))
