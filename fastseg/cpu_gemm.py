@@ -241,5 +241,6 @@ def against_peak(gemms: dict, peak_rec: dict | None) -> dict:
     if peak_rec is not None and gemms.get("gflops"):
         out["peak_gflops"] = peak_rec["gflops"]
         out["peak_impl"] = peak_rec["impl"]
+        out["peak_date"] = peak_rec.get("date")  # measured once, possibly on a busier or quieter machine
         out["frac_of_peak"] = gemms["gflops"] / peak_rec["gflops"]
     return out
