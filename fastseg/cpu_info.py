@@ -95,7 +95,7 @@ def parse_cpuinfo(text: str) -> dict:
 
     def number(key):
         try:
-            return int(first[key], 0)
+            return int(first[key])  # decimal in /proc/cpuinfo
         except (KeyError, ValueError):
             return None
 
