@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from fastseg import parity
+from fastseg import cpu_info, parity
 from fastseg.timing import PeakMemory, measure, median
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,6 +95,7 @@ def pytest_terminal_summary(terminalreporter):
         return
     tr = terminalreporter
     tr.section(f"fastseg: fused vs eager on {DEVICE} ({str(DTYPE).replace('torch.', '')})")
+    tr.write_line(f"CPU: {cpu_info.short(cpu_info.record())}")
     groups: dict[str, dict] = {}
     for r in _records:
         groups.setdefault(r["group"], {})[r["impl"]] = r
@@ -115,6 +116,11 @@ def pytest_terminal_summary(terminalreporter):
                       f"{comp['median_ms'] if comp else float('nan'):10.2f} "
                       f"{sdpa['median_ms'] if sdpa else float('nan'):8.2f} {mem:>12s}  {rates}")
     tr.write_line("peak MB: CUDA allocator peak on GPU; sampled process RSS growth on CPU (approximate)")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """--benchmark-json records carry fastseg's CPU identity (ISA flags, oneDNN's ISA, threads)."""
+    machine_info["fastseg_cpu"] = cpu_info.record()
 
 
 @pytest.fixture

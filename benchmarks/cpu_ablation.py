@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from fastseg import SegFormer
+from fastseg import SegFormer, cpu_info
 from fastseg.ops import dispatch
 
 OPS = ("decoder_upsample_fuse", "dwconv3x3_gelu", "add_layer_norm")
@@ -61,6 +61,7 @@ def main() -> int:
                     times[name].append(time.perf_counter() - t)
     print(f"SegFormer-{args.variant} {args.size}² batch {args.batch} {args.dtype}, {torch.get_num_threads()} threads, "
           f"{args.rounds} interleaved rounds")
+    print(f"CPU: {cpu_info.short(cpu_info.record())}")
     for name, v in times.items():
         print(f"  {name:30s} median {statistics.median(v) * 1e3:8.1f} ms   min {min(v) * 1e3:8.1f} ms")
     return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import platform
 import statistics
 import tempfile
 import time
@@ -25,8 +24,11 @@ from pathlib import Path
 
 import torch
 
-from fastseg import SegFormer, SegFormerConfig, cpu_allocator, peers
+from fastseg import SegFormer, SegFormerConfig, cpu_allocator, cpu_info, peers
 from fastseg.io import atomic_write, save_json_atomic
+
+
+ROW = peers.row_name("openvino", "HF")
 
 
 def main() -> int:
@@ -48,16 +50,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = peers.export_hf_onnx(hf, Path(tmp) / "hf.onnx", x[:1])
         del hf
-        openvino = peers._session(path, "openvino", dtype, tuple(x.shape))
+        try:
+            openvino = peers._session(path, "openvino", dtype, tuple(x.shape))
+        except peers.PrecisionUnavailable as e:
+            raise SystemExit(f"cpu_vs_openvino: {e}") from None
     array, xd = x.numpy(), x.to(dtype)
 
     def run_fused():
         with torch.inference_mode():
             return fused(xd)
 
-    rows = {"fastseg fused": run_fused, "HF ONNX openvino": lambda: torch.from_numpy(openvino(array))}
+    rows = {"fastseg fused": run_fused, ROW: lambda: torch.from_numpy(openvino(array))}
     out = {name: fn().float() for name, fn in rows.items()}
-    ref = out["HF ONNX openvino"]
+    ref = out[ROW]
     rms = ((out["fastseg fused"] - ref).norm() / ref.norm()).item()
     agree = (out["fastseg fused"].argmax(1) == ref.argmax(1)).float().mean().item()
     del out, ref
@@ -70,14 +75,14 @@ def main() -> int:
             if r >= args.warmup:
                 times[name].append(time.perf_counter() - t)
     med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
-    ratio = med["HF ONNX openvino"] / med["fastseg fused"]
+    ratio = med[ROW] / med["fastseg fused"]
 
     import openvino
 
     when = dt.datetime.now(dt.timezone.utc)
     config = f"{args.variant}_{args.height}x{args.width}_b{args.batch}_{args.dtype}"
     record = {
-        "date": when.isoformat(timespec="seconds"), "config": vars(args), "cpu": platform.processor() or platform.machine(),
+        "date": when.isoformat(timespec="seconds"), "config": vars(args), "cpu": cpu_info.record(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "openvino": openvino.__version__,
         "cpu_malloc": cpu_allocator.state(), "median_ms": med, "fused_speedup_over_openvino": ratio,
         "fused_vs_openvino": {"rms_rel_err": rms, "argmax_agreement": agree},
@@ -86,6 +91,7 @@ def main() -> int:
           f"batch {args.batch} {args.dtype}", "",
           f"{record['date']}, torch {torch.__version__}, OpenVINO {openvino.__version__}, "
           f"{torch.get_num_threads()} threads; median of {args.repeats} alternating rounds after {args.warmup} warm-up", "",
+          f"CPU: {cpu_info.short(record['cpu'])}", "",
           f"`python benchmarks/cpu_vs_openvino.py --variant {args.variant} --batch {args.batch} --height {args.height} "
           f"--width {args.width} --dtype {args.dtype} --repeats {args.repeats}`", "",
           "| row | median ms |", "|---|---:|"]

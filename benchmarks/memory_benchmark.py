@@ -25,7 +25,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -77,16 +76,9 @@ def device_name(device: str) -> str:
         import torch
 
         return torch.cuda.get_device_name(0).replace(" ", "-")
-    model = platform.processor() or "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU {model} ({os.cpu_count()} cores)"
+    from fastseg import cpu_info
+
+    return f"CPU {cpu_info.identity()['model_name']} ({os.cpu_count()} cores)"
 
 
 def main(argv=None) -> int:
@@ -108,7 +100,7 @@ def main(argv=None) -> int:
     import torch
     from PIL import Image
 
-    from fastseg import SegFormer
+    from fastseg import SegFormer, cpu_info
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,6 +133,7 @@ def main(argv=None) -> int:
     record = {"schema": "fastseg-memory/1", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "device": dev, "torch": torch.__version__, "image": f"{args.width}x{args.height}",
               "slide": {"crop": args.crop, "stride": args.stride}, "threads": torch.get_num_threads(),
+              "cpu": cpu_info.record(),
               "command": "python benchmarks/memory_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "rows": rows}
     out = Path(args.out)
@@ -148,7 +141,7 @@ def main(argv=None) -> int:
     slug = re.sub(r"[^A-Za-z0-9._]+", "-", dev.split(" (")[0].replace("(R)", "").replace("(TM)", "")).strip("-")[:40]
     (out / f"{stamp}_memory_{slug}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# fastseg predict peak memory, {args.width}x{args.height}, {dev}, torch {torch.__version__}, {record['date']}",
-             "", f"`{record['command']}`", "",
+             "", f"CPU: {cpu_info.short(record['cpu'])}", "", f"`{record['command']}`", "",
              "| model | K | mode | path | peak RSS MB | baseline RSS MB | time s |", "|---|---:|---|---|---:|---:|---:|"]
     for r in rows:
         if "error" in r:

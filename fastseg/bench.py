@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fastseg import parity
+from fastseg import cpu_info, parity
 from fastseg.timing import PeakMemory, device_name, measure, median
 
 SCHEMA = "fastseg-bench/1"
@@ -105,6 +105,8 @@ def run(args) -> dict:
     modes = {"eager": base, "fused": copy.deepcopy(base).set_fused(True)}
     if args.compile:
         modes["compile"] = torch.compile(copy.deepcopy(base))
+    if args.compile_fused:  # the fused ops are registered ops: dynamo makes one graph around them
+        modes["fused compile"] = torch.compile(copy.deepcopy(base).set_fused(True))
 
     def step(model):
         if args.backward:
@@ -139,7 +141,7 @@ def run(args) -> dict:
 
     from tqdm import tqdm
 
-    results, compile_s = {}, None
+    results, compile_times = {}, {}
     total = len(rows) * (2 + args.warmup + args.repeats)
     with tqdm(total=total, desc=f"SegFormer-{base.variant or 'custom'} {args.height}x{args.width}",
               unit="run", file=sys.stderr, disable=args.quiet) as bar:
@@ -147,8 +149,8 @@ def run(args) -> dict:
             bar.set_postfix_str(name)
             t0 = time.perf_counter()
             out = out_fn().detach().float().clone()
-            if name == "compile":
-                compile_s = time.perf_counter() - t0
+            if name in ("compile", "fused compile"):
+                compile_times[name] = time.perf_counter() - t0
             reference = gold if gold is not None else (out if name == "eager" else results["eager"]["out"])
             with PeakMemory(device) as mem:
                 timed()
@@ -167,6 +169,9 @@ def run(args) -> dict:
                 bar.update()
     if tmp is not None:
         tmp.cleanup()
+    gemms, gemm_note = _gemm_profiles(args, device, {name: rows[name][1] for name in modes})
+    if gemm_note:
+        notes.append(gemm_note)
     out_rows = []
     for name, r in results.items():
         times = r.pop("times")
@@ -174,6 +179,8 @@ def run(args) -> dict:
         ms = median(times)
         out_rows.append({"mode": name, "median_ms": ms, "min_ms": min(times), "max_ms": max(times),
                          "images_per_s": args.batch / (ms / 1e3), **r})
+        if name in gemms:
+            out_rows[-1]["gemm"] = gemms[name]
     results = out_rows
     eager_ms = results[0]["median_ms"]
     fused_ms = next(r["median_ms"] for r in results if r["mode"] == "fused")
@@ -190,13 +197,16 @@ def run(args) -> dict:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "fastseg bench " + " ".join(shlex.quote(a) for a in args.argv),
         "device": {"type": device.type, "name": device_name(device)},
+        "cpu": cpu_info.record(),
         "versions": versions(),
         "config": {"variant": base.variant, "num_classes": base.num_classes, "height": args.height,
                    "width": args.width, "batch": args.batch, "dtype": args.dtype,
                    "pass": "forward+backward" if args.backward else "forward",
                    "warmup": args.warmup, "repeats": args.repeats},
         "backends": {op: c.backend for op, c in fused.backends().items()},
-        "compile_s": compile_s,
+        "compile_s": compile_times.get("compile"),
+        "compile_times_s": compile_times,
+        "peer_ratios": peer_ratios(results),
         "timing": f"median of {args.repeats} interleaved rounds (order rotating) after {args.warmup} warm-up rounds",
         "notes": notes,
         "peak_mem_note": "CUDA allocator peak" if device.type == "cuda" else "process RSS peak (sampled)",
@@ -208,19 +218,73 @@ def run(args) -> dict:
     }
 
 
+def _gemm_profiles(args, device: torch.device, calls: dict) -> tuple[dict, str | None]:
+    """{mode: GEMM FLOPs, time, GFLOP/s and fraction of this CPU's peak} from one profiled forward
+    of each model row (CPU inference only), and a note when it was not measured."""
+    if args.no_gemm_profile:
+        return {}, None
+    if device.type != "cpu":
+        return {}, None
+    if args.backward:
+        return {}, "GEMM rates: measured for inference only"
+    from fastseg import cpu_gemm
+
+    peak = cpu_gemm.peak(args.dtype)
+    out = {name: cpu_gemm.against_peak(cpu_gemm.profile_gemms(fn), peak) for name, fn in calls.items()}
+    if peak is None:
+        return out, f"GEMM rates: no {args.dtype} GEMM peak for this CPU"
+    return out, None
+
+
+def peer_ratios(results: list[dict]) -> dict:
+    """``{"fused vs OpenVINO (HF ONNX)": x, "fused vs OpenVINO (fastseg ONNX)": y, ...}``: how many
+    times faster fused is than each runtime on each ONNX file (rows named ``<runtime> on <graph> ONNX``)."""
+    out = {}
+    for r in results:
+        runtime, on, graph = r["mode"].partition(" on ")
+        if on and graph.endswith(" ONNX"):
+            out[f"fused vs {runtime} ({graph})"] = r["fused_speedup_over"]
+    return out
+
+
+def gemm_lines(record: dict) -> list[str]:
+    """What the GEMM column means and the peak it is measured against."""
+    rows = [r for r in record["results"] if r.get("gemm", {}).get("gflops")]
+    if not rows:
+        return []
+    g = rows[0]["gemm"]
+    peak = (f"{g['peak_gflops']:.3g} GFLOP/s ({g['peak_impl']}, this CPU's best {record['config']['dtype']} GEMM on "
+            f"a large shape; `python benchmarks/gemm_peak.py` for the table)" if g.get("peak_gflops") else "not measured")
+    share = ", ".join(f"{r['mode']} {100 * r['gemm']['share_of_forward']:.0f}%" for r in rows
+                      if r["gemm"].get("share_of_forward"))
+    return [f"GEMM GFLOP/s: the linear-layer GEMMs (addmm, mm, oneDNN linear) of one profiled forward, FLOPs "
+            f"from their shapes over their wall time; peak {peak}; GEMM share of the profiled forward: {share}"]
+
+
+def _gemm_cell(r: dict) -> str:
+    g = r.get("gemm")
+    if not g or not g.get("gflops"):
+        return "–"
+    frac = f" ({100 * g['frac_of_peak']:.0f}%)" if g.get("frac_of_peak") else ""
+    return f"{g['gflops']:.3g}{frac}"
+
+
 def table(record: dict) -> str:
     low = record["config"]["dtype"] != "fp32"
     vs = "vs fp32 gold" if low else "vs eager"
+    gemm = any("gemm" in r for r in record["results"])
     lines = [f"| mode | median ms | images/s | speedup over eager | fused speedup over it | max rel err {vs} | "
-             f"RMS rel err {vs} | argmax agree {vs} | parity | peak mem MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             f"RMS rel err {vs} | argmax agree {vs} | parity | peak mem MB |"
+             + (" GEMM GFLOP/s (% of peak) |" if gemm else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|" + ("---:|" if gemm else "")]
     for r in record["results"]:
         verdict = "ok" if r.get("parity", True) else "FAILED"
         over = r.get("fused_speedup_over")
         lines.append(f"| {r['mode']} | {r['median_ms']:.2f} | {r['images_per_s']:.2f} | {r['speedup']:.2f}x | "
                      f"{'–' if over is None else f'{over:.2f}x'} | "
                      f"{r['max_rel_err']:.1e} | {r.get('rms_rel_err', float('nan')):.1e} | "
-                     f"{100 * r['argmax_agreement']:.3f}% | {verdict} | {r['peak_mem_mb']:.0f} |")
+                     f"{100 * r['argmax_agreement']:.3f}% | {verdict} | {r['peak_mem_mb']:.0f} |"
+                     + (f" {_gemm_cell(r)} |" if gemm else ""))
     return "\n".join(lines)
 
 
@@ -270,17 +334,21 @@ def write(record: dict, out_dir: Path, make_plot: bool = True) -> dict:
     c = record["config"]
     md = [f"# SegFormer-{c['variant']} {c['height']}x{c['width']} batch {c['batch']} {c['dtype']} {c['pass']}", "",
           f"- device: {record['device']['name']}",
+          f"- CPU: {cpu_info.short(record['cpu'])}" if "cpu" in record else "- CPU: not recorded",
           "- versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
           f"- date: {record['date']}", f"- command: `{record['command']}`",
           "- fused backends: " + ", ".join(f"{k}={v}" for k, v in record["backends"].items()),
           f"- peak memory: {record['peak_mem_note']}"]
     if "parity_rule" in record:
         md.append(f"- parity: {record['parity_rule']}")
-    if record["compile_s"] is not None:
-        md.append(f"- torch.compile time (excluded from timings): {record['compile_s']:.1f} s")
+    for name, seconds in (record.get("compile_times_s") or {"compile": record["compile_s"]}).items():
+        if seconds is not None:
+            md.append(f"- torch.compile time of {name!r} (excluded from timings): {seconds:.1f} s")
     if "timing" in record:
         md.append(f"- timing: {record['timing']}")
     md += [f"- note: {n}" for n in record.get("notes", [])]
+    md += [f"- {line}" for line in gemm_lines(record)]
+    md += [f"- {k}: {v:.2f}x" for k, v in record.get("peer_ratios", {}).items()]
     md += ["", table(record), ""]
     with atomic_write(paths["md"], "w") as f:
         f.write("\n".join(md))
@@ -288,6 +356,20 @@ def write(record: dict, out_dir: Path, make_plot: bool = True) -> dict:
         paths["png"] = out_dir / f"{stem}.png"
         plot(record, paths["png"])
     return paths
+
+
+# Records written before they carried the CPU: what the benchmarks README's notes say of them.
+_UNRECORDED_CPUS = {"Intel(R) Xeon(R) Processor": "Intel Xeon with AVX512-BF16 + AMX (from the run notes)"}
+
+
+def _cpu_cell(rec: dict) -> str:
+    name = rec["device"]["name"]
+    if rec["device"].get("type") == "cuda" or not name.startswith("CPU "):
+        return "–"
+    if "cpu" in rec:
+        return cpu_info.short(rec["cpu"])
+    model = name[4:].split(" (")[0]
+    return _UNRECORDED_CPUS.get(model, f"{model} (ISA not recorded)")
 
 
 def update_summary(readme: Path, results_dir: Path) -> None:
@@ -307,12 +389,12 @@ def update_summary(readme: Path, results_dir: Path) -> None:
         key = (rec["device"]["name"], c["variant"], c["height"], c["width"], c["batch"], c["dtype"], c["pass"])
         if key not in newest or rec["date"] > newest[key][0]["date"]:
             newest[key] = (rec, path)
-    rows = ["| device | model | input | dtype | pass | eager ms | fused ms | speedup | compile ms | date | file |",
-            "|---|---|---|---|---|---:|---:|---:|---:|---|---|"]
+    rows = ["| device | CPU | model | input | dtype | pass | eager ms | fused ms | speedup | compile ms | date | file |",
+            "|---|---|---|---|---|---|---:|---:|---:|---:|---|---|"]
     for (device, variant, h, w, b, dtype, kind), (rec, path) in sorted(newest.items()):
         by = {r["mode"]: r for r in rec["results"]}
         comp = f"{by['compile']['median_ms']:.1f}" if "compile" in by else "–"
-        rows.append(f"| {device} | SegFormer-{variant} | {h}x{w} b{b} | {dtype} | {kind} | "
+        rows.append(f"| {device} | {_cpu_cell(rec)} | SegFormer-{variant} | {h}x{w} b{b} | {dtype} | {kind} | "
                     f"{by['eager']['median_ms']:.1f} | {by['fused']['median_ms']:.1f} | {by['fused']['speedup']:.2f}x | "
                     f"{comp} | {rec['date'][:10]} | [{path.stem}](results/{path.name}) |")
     text = readme.read_text()
@@ -333,10 +415,15 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     p.add_argument("--compile", action="store_true", help="add torch.compile of the eager model (compile time excluded)")
+    p.add_argument("--compile-fused", action="store_true",
+                   help="add torch.compile of the fused model (row 'fused compile'; compile time excluded)")
     p.add_argument("--backward", action="store_true", help="time forward + backward (a training step) instead of inference")
     p.add_argument("--peers", action="store_true",
                    help="add HF eager (+ compile), HF's ONNX and fastseg's ONNX in ONNX Runtime and OpenVINO, on the "
                         "same random-init HF weights (CPU, inference; needs fastseg[bench])")
+    p.add_argument("--no-gemm-profile", action="store_true",
+                   help="skip the one profiled forward per model row that reports GEMM GFLOP/s against this CPU's "
+                        "peak (the peak is measured once per CPU and torch version and cached)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -352,14 +439,19 @@ def main(args) -> int:
     c = record["config"]
     print(f"\nSegFormer-{c['variant']} {c['height']}x{c['width']} batch {c['batch']} {c['dtype']} {c['pass']} "
           f"on {record['device']['name']}")
+    print(f"CPU: {cpu_info.short(record['cpu'])}")
     print("fused backends: " + ", ".join(f"{k}={v}" for k, v in record["backends"].items()))
-    if record["compile_s"] is not None:
-        print(f"torch.compile took {record['compile_s']:.1f} s (not in the timings)")
+    for name, seconds in record["compile_times_s"].items():
+        print(f"torch.compile of {name!r} took {seconds:.1f} s (not in the timings)")
     print(table(record))
     print(f"parity: {record['parity_rule']}")
     print(f"timing: {record['timing']}")
     for n in record["notes"]:
         print(f"note: {n}")
+    for line in gemm_lines(record):
+        print(line)
+    if record["peer_ratios"]:
+        print("; ".join(f"{k}: {v:.2f}x" for k, v in record["peer_ratios"].items()))
     out_dir = Path(args.out)
     paths = write(record, out_dir, make_plot=not args.no_plot)
     update_summary(out_dir.parent / "README.md", out_dir)

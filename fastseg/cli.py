@@ -28,6 +28,10 @@ def info(args) -> int:
     from fastseg import cpu_allocator
 
     print(f"CPU malloc ({cpu_allocator.ENV}): {cpu_allocator.keep_freed_memory()}")
+    from fastseg import cpu_info  # which CPU, its ISA flags, and the ISA ATen and oneDNN dispatch to
+
+    for line in cpu_info.summary_lines():
+        print(line)
     tuning = sys.modules["fastseg.tune"]  # fastseg.tune is the function; this is its module
     tuning.install()  # the disk cache's tuned choices show in the lines below
     print(f"tuned dispatch: {len(tuning.summary_lines())} tuned (op, shape class) for these versions in "

@@ -153,6 +153,9 @@ def environment() -> dict:
     except PackageNotFoundError:
         from fastseg.version import __version__
         facts["fastseg"] = __version__
+    from fastseg import cpu_info
+
+    facts["cpu"] = cpu_info.short(cpu_info.record())  # the host: it runs the CPU rehearsal and the data loading
     facts["git"] = _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     facts["nvcc"] = _first_line(["nvcc", "--version"]) if shutil.which("nvcc") else None
     if torch.cuda.is_available():
@@ -275,7 +278,7 @@ def model_bench(run: Run, cuda: bool, name: str, variant: str, h: int, w: int, b
             cmd.remove("--compile")  # keep eager / fused numbers at least
             step = run.step(name + " (no compile)", cmd, min(75.0, run.left() - reserve), compile=False)
     else:
-        cmd += ["--warmup", "0", "--repeats", "1"]
+        cmd += ["--warmup", "0", "--repeats", "1", "--no-gemm-profile"]
         # The whole model under the interpreter takes minutes: CPU backends here; the tests and
         # ops steps ran the Triton kernels.
         step = run.step(name, cmd, 60, compile=False)

@@ -37,15 +37,9 @@ def ceilings(device: torch.device) -> tuple[float, float] | None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
+    from fastseg import cpu_info
 
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return f"CPU {model or platform.processor()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return f"CPU {cpu_info.identity()['model_name']} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def sync(device: torch.device) -> None:
