@@ -17,8 +17,8 @@ namespace fastseg {
 at::Tensor sr_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& kv, int64_t num_heads, double scale);
 
 // The instruction set the kernel uses for inputs of this dtype on this CPU: "avx512_bf16" (bfloat16
-// dot products), "avx2" (float32 math, bfloat16 widened), or "" (no supported SIMD: the kernel
-// refuses to run).
+// dot products), "avx512" or "avx2" (float32 math, bfloat16 widened), or "" (no supported SIMD: the
+// kernel refuses to run).
 std::string sr_attention_cpu_isa(c10::ScalarType dtype);
 
 }  // namespace fastseg

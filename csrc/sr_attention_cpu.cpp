@@ -8,8 +8,8 @@
 // layout (no head permutes). D = C / heads.
 //
 // Work: tasks of TM = 24 query rows of one (batch, head), over threads (at::parallel_for). K and V
-// of every (batch, head) are first packed once into panels of 16 columns (zero padded), so the
-// micro-kernels read them contiguously: Kᵀ as (D, 16) panels, V as (Nkv, 16) panels. A task walks
+// of a (batch, head) are packed by the thread that reaches it into panels of 16 columns (zero
+// padded), so the micro-kernels read them contiguously: Kᵀ as (D, 16) panels, V as (Nkv, 16) panels. A task walks
 // the KV in chunks of at most KC columns (one chunk at SegFormer's Nkv = 256): scores of its 24
 // rows (24 x chunk floats, L1/L2 resident), softmax in fp32 with a running max and sum (online
 // softmax: chunks after the first rescale the accumulated output), then P V accumulated into a
@@ -19,6 +19,7 @@
 // 12 ymm accumulators, two B loads and six broadcasts per step (FMA bound). Instruction sets are
 // chosen at run time:
 //   avx2         float32 math (bfloat16 inputs widened while packing / loading);
+//   avx512       the same on AVX-512F: 6x32 tiles over two panels (12 zmm accumulators);
 //   avx512_bf16  bfloat16 inputs only: both products as bf16 pair dot products (vdpbf16ps) into
 //                fp32 accumulators, K and V packed as bf16 pairs, P rounded to bf16 (as eager bf16
 //                attention does), softmax still fp32.
@@ -58,16 +59,17 @@ constexpr int64_t NR = 16;   // micro-tile columns (a K / V panel)
 constexpr int64_t TM = 24;   // query rows per task (4 micro-tiles)
 constexpr int64_t KC = 512;  // most KV columns per chunk: a task's 24 x KC scores stay in L2
 
-enum class Isa { none, avx2, avx512_bf16 };
+enum class Isa { none, avx2, avx512, avx512_bf16 };
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 Isa isa_for(c10::ScalarType dtype) {
 #if FASTSEG_SRA_X86
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  static const bool bf16 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f");
+  static const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
   if (dtype == at::kBFloat16 && bf16) return Isa::avx512_bf16;
-  return avx2 ? Isa::avx2 : Isa::none;
+  return avx512 ? Isa::avx512 : avx2 ? Isa::avx2 : Isa::none;
 #else
   (void)dtype;
   return Isa::none;
@@ -85,6 +87,7 @@ struct Shape {
   int64_t Nkvp;                // Nkv rounded up to NR (padded K / V rows)
   int64_t Lc;                  // chunk length (a multiple of NR; the last chunk may be shorter)
   float scale;
+  bool avx512;                 // float32 products on AVX-512 (two panels per micro-kernel call)
 };
 
 #if FASTSEG_SRA_X86
@@ -203,6 +206,48 @@ __attribute__((noinline)) void softmax_chunk(float* s, int64_t ls, int64_t rows,
 #pragma GCC pop_options
 
 // ----------------------------------------------------------------------------------------------
+// AVX-512F: the float32 micro-kernel on two adjacent 16-column panels at once (12 zmm accumulators).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+
+// C[6x32] (+)= A[6xK] [B0 B1]: B0, B1 two panels of K rows of 16 floats; C's 32 columns contiguous.
+__attribute__((noinline)) void gemm_6x32_f32_avx512(const float* __restrict__ A, int64_t lda,
+                                                    const float* __restrict__ B0, const float* __restrict__ B1,
+                                                    int64_t K, float* __restrict__ C, int64_t ldc, bool accumulate) {
+  __m512 c[MR][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    c[r][0] = accumulate ? _mm512_loadu_ps(C + r * ldc) : _mm512_setzero_ps();
+    c[r][1] = accumulate ? _mm512_loadu_ps(C + r * ldc + NR) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(B0 + k * NR), b1 = _mm512_loadu_ps(B1 + k * NR);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+      c[r][0] = _mm512_fmadd_ps(a, b0, c[r][0]);
+      c[r][1] = _mm512_fmadd_ps(a, b1, c[r][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_ps(C + r * ldc, c[r][0]);
+    _mm512_storeu_ps(C + r * ldc + NR, c[r][1]);
+  }
+}
+
+#pragma GCC pop_options
+
+// C[6 x 16] or C[6 x 32] (+)= A[6xK] B: `two` panels (B0, B1) on AVX-512, else one (B0).
+FASTSEG_INLINE void gemm_f32(bool two, const float* A, int64_t lda, const float* B0, const float* B1, int64_t K,
+                             float* C, int64_t ldc, bool accumulate) {
+  if (two)
+    gemm_6x32_f32_avx512(A, lda, B0, B1, K, C, ldc, accumulate);
+  else
+    gemm_6x16_f32(A, lda, B0, K, C, ldc, accumulate);
+}
+
+// ----------------------------------------------------------------------------------------------
 // AVX512-BF16: bf16 pair dot products into fp32.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
@@ -242,7 +287,7 @@ __attribute__((noinline)) void to_bf16_row(const float* src, bf16_bits* dst, int
 #endif  // FASTSEG_SRA_X86
 
 // ----------------------------------------------------------------------------------------------
-// Packing (plain C++, once per (batch, head): negligible next to the products).
+// Packing (plain C++, once per (batch, head) and thread: negligible next to the products).
 
 // float32 panels. Kᵀ: panel p holds columns [16p, 16p + 16) as (D, 16), kt[p][d][j]; V: panel c
 // holds channels [16c, 16c + 16) of all Nkvp rows as (Nkvp, 16), vp[c][j][d]. Zero padded.
@@ -293,6 +338,7 @@ struct Scratch {
 template <typename T, bool BF16DOT>
 void attention_rows(const T* q, T* out, const Shape& sh, int64_t b, int64_t h, int64_t i0, const void* kt_bh,
                     const void* vp_bh, Scratch& w) {
+  const int64_t step = sh.avx512 && !BF16DOT ? 2 : 1;  // panels per micro-kernel call
   const int64_t D = sh.D, Dp = sh.Dp, Lc = sh.Lc;
   const int64_t rows = std::min(TM, sh.N - i0);
   const int64_t tiles = (rows + MR - 1) / MR;
@@ -318,15 +364,17 @@ void attention_rows(const T* q, T* out, const Shape& sh, int64_t b, int64_t h, i
     const bool first = j0 == 0;
     const int64_t panels = (L + NR - 1) / NR;
     // S = Q Kᵀ over this chunk, panel by panel (a K panel stays in L1 across the row tiles).
-    for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t p = 0; p < panels; p += step) {
       const int64_t panel = j0 / NR + p;
+      const bool two = step == 2 && p + 1 < panels;
       for (int64_t t = 0; t < tiles; ++t) {
-        if constexpr (BF16DOT)
+        if constexpr (BF16DOT) {
           gemm_6x16_bf16(w.q16.data() + t * MR * D, D, static_cast<const bf16_bits*>(kt_bh) + panel * D * NR, D / 2,
                          S + t * MR * Lc + p * NR, Lc, false);
-        else
-          gemm_6x16_f32(w.q32.data() + t * MR * D, D, static_cast<const float*>(kt_bh) + panel * D * NR, D,
-                        S + t * MR * Lc + p * NR, Lc, false);
+        } else {
+          const float* B0 = static_cast<const float*>(kt_bh) + panel * D * NR;
+          gemm_f32(two, w.q32.data() + t * MR * D, D, B0, B0 + D * NR, D, S + t * MR * Lc + p * NR, Lc, false);
+        }
       }
     }
     softmax_chunk(S, Lc, rows_p, L, sh.scale, w.m.data(), w.l.data(), w.alpha.data(), first);
@@ -343,10 +391,12 @@ void attention_rows(const T* q, T* out, const Shape& sh, int64_t b, int64_t h, i
                          static_cast<const bf16_bits*>(vp_bh) + c * sh.Nkvp * NR + j0 * NR, L2, O + t * MR * Dp + c * NR,
                          Dp, !first);
     } else {
-      for (int64_t c = 0; c < Dp / NR; ++c)
+      for (int64_t c = 0; c < Dp / NR; c += step) {
+        const bool two = step == 2 && c + 1 < Dp / NR;
+        const float* B0 = static_cast<const float*>(vp_bh) + c * sh.Nkvp * NR + j0 * NR;
         for (int64_t t = 0; t < tiles; ++t)
-          gemm_6x16_f32(S + t * MR * Lc, Lc, static_cast<const float*>(vp_bh) + c * sh.Nkvp * NR + j0 * NR, L,
-                        O + t * MR * Dp + c * NR, Dp, !first);
+          gemm_f32(two, S + t * MR * Lc, Lc, B0, B0 + sh.Nkvp * NR, L, O + t * MR * Dp + c * NR, Dp, !first);
+      }
     }
   }
   // out = O / l, in token layout and q's dtype (1 / 0 for an all -inf row: 0 * inf = NaN).
@@ -360,34 +410,31 @@ void attention_rows(const T* q, T* out, const Shape& sh, int64_t b, int64_t h, i
 template <typename T, bool BF16DOT>
 void run(const at::Tensor& q, const at::Tensor& kv, at::Tensor& out, const Shape& sh) {
   using Packed = std::conditional_t<BF16DOT, bf16_bits, float>;
-  const int64_t BH = sh.B * sh.heads;
-  const int64_t k_size = sh.Nkvp * sh.D, v_size = sh.Nkvp * sh.Dp;
-  const auto packed_dtype = BF16DOT ? at::kBFloat16 : at::kFloat;
-  at::Tensor kt = at::empty({BH, k_size}, q.options().dtype(packed_dtype));
-  at::Tensor vp = at::empty({BH, v_size}, q.options().dtype(packed_dtype));
-  auto* ktp = static_cast<Packed*>(kt.data_ptr());
-  auto* vpp = static_cast<Packed*>(vp.data_ptr());
   const T* qp = static_cast<const T*>(q.const_data_ptr());
   const T* kvp = static_cast<const T*>(kv.const_data_ptr());
   T* op = static_cast<T*>(out.data_ptr());
-  at::parallel_for(0, BH, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      if constexpr (BF16DOT)
-        pack_bf16(reinterpret_cast<const bf16_bits*>(kvp), sh, t / sh.heads, t % sh.heads, ktp + t * k_size,
-                  vpp + t * v_size);
-      else
-        pack_f32(kvp, sh, t / sh.heads, t % sh.heads, ktp + t * k_size, vpp + t * v_size);
-    }
-  });
   const int64_t row_tiles = (sh.N + TM - 1) / TM;
   // At least ~64K multiply-adds per task, so that tiny problems stay on one thread.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (TM * sh.Nkvp * sh.Dp));
-  at::parallel_for(0, BH * row_tiles, grain, [&](int64_t t0, int64_t t1) {
+  // One parallel region (a second one, for packing, would add a barrier: costly on a loaded
+  // machine). Tasks run in (batch, head, row tile) order and each thread packs the K / V of the
+  // (batch, head) it reaches into its own buffer: a (batch, head) split between two threads is
+  // packed twice, nothing more.
+  at::parallel_for(0, sh.B * sh.heads * row_tiles, grain, [&](int64_t t0, int64_t t1) {
     Scratch w(sh, BF16DOT);
+    std::vector<Packed> kt(sh.Nkvp * sh.D), vp(sh.Nkvp * sh.Dp);
+    int64_t packed = -1;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / row_tiles, tile = t % row_tiles;
-      attention_rows<T, BF16DOT>(qp, op, sh, bh / sh.heads, bh % sh.heads, tile * TM, ktp + bh * k_size,
-                                 vpp + bh * v_size, w);
+      const int64_t b = bh / sh.heads, h = bh % sh.heads;
+      if (bh != packed) {
+        if constexpr (BF16DOT)
+          pack_bf16(reinterpret_cast<const bf16_bits*>(kvp), sh, b, h, kt.data(), vp.data());
+        else
+          pack_f32(kvp, sh, b, h, kt.data(), vp.data());
+        packed = bh;
+      }
+      attention_rows<T, BF16DOT>(qp, op, sh, b, h, tile * TM, kt.data(), vp.data(), w);
     }
   });
 }
@@ -397,6 +444,7 @@ void run(const at::Tensor& q, const at::Tensor& kv, at::Tensor& out, const Shape
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::avx512_bf16: return "avx512_bf16";
+    case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "";
   }
@@ -437,6 +485,7 @@ at::Tensor sr_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& kv, int64
   const int64_t chunks = (Nkv + KC - 1) / KC;
   sh.Lc = round_up((Nkv + chunks - 1) / chunks, NR);  // equal chunks, each a whole number of panels
   sh.scale = static_cast<float>(scale);
+  sh.avx512 = isa == Isa::avx512;
 
   at::Tensor out = at::empty({B, N, C}, q.options().memory_format(at::MemoryFormat::Contiguous));
 #if FASTSEG_SRA_X86
