@@ -50,6 +50,13 @@
 #else
 #define FASTSEG_SRA_X86 0
 #endif
+// The AVX512-BF16 intrinsics and cpu-feature name need GCC 10 or newer; older compilers build
+// without that path (bf16 then runs the widening float32 path).
+#if FASTSEG_SRA_X86 && __GNUC__ >= 10
+#define FASTSEG_SRA_BF16 1
+#else
+#define FASTSEG_SRA_BF16 0
+#endif
 
 namespace fastseg {
 namespace {
@@ -67,7 +74,11 @@ Isa isa_for(c10::ScalarType dtype) {
 #if FASTSEG_SRA_X86
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f");
+#if FASTSEG_SRA_BF16
   static const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+#else
+  static const bool bf16 = false;
+#endif
   if (dtype == at::kBFloat16 && bf16) return Isa::avx512_bf16;
   return avx512 ? Isa::avx512 : avx2 ? Isa::avx2 : Isa::none;
 #else
@@ -247,6 +258,7 @@ FASTSEG_INLINE void gemm_f32(bool two, const float* A, int64_t lda, const float*
     gemm_6x16_f32(A, lda, B0, K, C, ldc, accumulate);
 }
 
+#if FASTSEG_SRA_BF16
 // ----------------------------------------------------------------------------------------------
 // AVX512-BF16: bf16 pair dot products into fp32.
 #pragma GCC push_options
@@ -283,6 +295,11 @@ __attribute__((noinline)) void to_bf16_row(const float* src, bf16_bits* dst, int
 }
 
 #pragma GCC pop_options
+#else
+// Never called (isa_for never picks avx512_bf16 in such a build); they keep run<T, true> compiling.
+void gemm_6x16_bf16(const bf16_bits*, int64_t, const bf16_bits*, int64_t, float*, int64_t, bool) {}
+void to_bf16_row(const float*, bf16_bits*, int64_t, int64_t) {}
+#endif  // FASTSEG_SRA_BF16
 
 #endif  // FASTSEG_SRA_X86
 
