@@ -11,6 +11,7 @@
 //       (s written into h: a scratch h in inference)
 //   fastseg_ext::add_layer_norm_bwd(grad_y, grad_s?, s, weight, mean, rstd)
 //       -> (grad_sum, dweight, dbias, dh_bias)    (see add_layer_norm.h; CPU only)
+//   fastseg_ext::sr_attention_fwd(q, kv, num_heads, scale) -> out (B, N, C); sr_attention_isa(dtype) -> str
 // keep_y (CPU only; the CUDA kernel recomputes the conv in its backward and refuses it) returns
 // the conv output + bias as tokens for the backward; otherwise y is an empty tensor.
 // packed_weight (CPU only, inference): the conv weight already reordered into oneDNN's blocked
@@ -28,6 +29,7 @@
 #include "overlap_patch_embed.h"
 #include "decoder_head.h"
 #include "upsample_argmax.h"
+#include "sr_attention.h"
 
 #include <torch/library.h>
 
@@ -69,6 +71,11 @@ TORCH_LIBRARY(fastseg_ext, m) {
   m.def(
       "add_layer_norm_bwd(Tensor grad_y, Tensor? grad_s, Tensor s, Tensor weight, Tensor mean, Tensor rstd) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Spatial-reduction attention, forward for inference (sr_attention_cpu.cpp, float32/bfloat16):
+  // q (B, N, C), kv (B, Nkv, 2C) -> out (B, N, C); sr_attention_isa: the instruction set the kernel
+  // uses for that dtype on this CPU ("" = it cannot run). Fake impl in fastseg/ops/sr_attention.py.
+  m.def("sr_attention_fwd(Tensor q, Tensor kv, int num_heads, float scale) -> Tensor");
+  m.def("sr_attention_isa(ScalarType dtype) -> str");
 }
 
 TORCH_LIBRARY_IMPL(fastseg_ext, CPU, m) {
@@ -80,6 +87,12 @@ TORCH_LIBRARY_IMPL(fastseg_ext, CPU, m) {
   m.impl("add_layer_norm_fwd", &fastseg::add_layer_norm_fwd_cpu);
   m.impl("add_layer_norm_fwd_", &fastseg::add_layer_norm_fwd_inplace_cpu);
   m.impl("add_layer_norm_bwd", &fastseg::add_layer_norm_bwd_cpu);
+  m.impl("sr_attention_fwd", &fastseg::sr_attention_fwd_cpu);
+}
+
+// No tensor argument to dispatch on: a catch-all kernel.
+TORCH_LIBRARY_FRAGMENT(fastseg_ext, m) {
+  m.impl("sr_attention_isa", [](c10::ScalarType dtype) { return fastseg::sr_attention_cpu_isa(dtype); });
 }
 
 // A packed (oneDNN-layout) weight makes the call dispatch on MkldnnCPU: the same CPU kernel.

@@ -330,7 +330,8 @@ def test_eval_fused_matches_reference(decoder):
     expect = {"pup": (48, 80), "naive": (12, 20), "mla": (12, 20)}[decoder]
     assert got.shape == want.shape == (2, 5, *expect)
     assert rel_err(got, want) < 1e-4
-    assert fused.backends()["sr_attention"].backend == "torch"
+    # the C++ kernel in inference where the extension has it, else SDPA
+    assert fused.backends()["sr_attention"].backend in ("cpp", "torch")
     assert ref.backends()["sr_attention"].backend == "reference"
 
 

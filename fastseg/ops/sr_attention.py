@@ -9,8 +9,11 @@ Backends:
 - ``triton``: ``fastseg.kernels.sr_attention`` (forward + flash-style backward), registered as the
   custom ops ``fastseg::sr_attention_fwd`` / ``fastseg::sr_attention_bwd`` with fake
   implementations, so ``torch.compile`` and ``torch.export`` trace through without graph breaks.
-- ``torch``: ``scaled_dot_product_attention`` on strided views of the token tensors (no copies);
-  the fused path on CPU.
+- ``cpp``: the extension's C++ CPU kernel ``fastseg_ext::sr_attention_fwd``
+  (``csrc/sr_attention_cpu.cpp``): register-blocked AVX2 micro-kernels (bf16 pair dot products where
+  the CPU has AVX512-BF16), softmax in fp32, out written as tokens; forward for inference only: it is
+  passed over when autograd needs gradients, so training keeps ``torch`` / ``triton``.
+- ``torch``: ``scaled_dot_product_attention`` on strided views of the token tensors (no copies).
 - reference: the official NVlabs math below.
 """
 from __future__ import annotations
@@ -181,6 +184,65 @@ def _triton_reasons(device: torch.device, dtype: torch.dtype, head_dim: int = 64
     return reasons + triton_device_reasons(device, dtype)
 
 
+# --- cpp backend ----------------------------------------------------------------------------------
+
+CPP_DTYPES = (torch.float32, torch.bfloat16)
+CPP_HEAD_DIM_MULTIPLE = 8  # the micro-kernels' channel panels
+
+
+# The instruction set the C++ kernel uses per dtype on this CPU ("" if it cannot run), asked once
+# when the extension loads (a plain dict, so dispatch under torch.compile reads a constant).
+CPP_ISA: dict[torch.dtype, str] = {}
+
+
+def _cpp_isa(dtype: torch.dtype) -> str:
+    return CPP_ISA.get(dtype, "")
+
+
+def _cpp_reasons(device: torch.device, dtype: torch.dtype, head_dim: int = 64, needs_grad: bool = False,
+                 **_) -> list[str]:
+    from fastseg.ops.overlap_patch_embed import extension_op_reasons
+
+    reasons = extension_op_reasons("sr_attention_fwd")
+    if reasons:
+        return reasons
+    if device.type != "cpu":
+        reasons.append(f"device type {device.type!r} (the C++ kernel takes CPU tensors)")
+    if dtype not in CPP_DTYPES:
+        reasons.append(f"dtype {dtype} (the C++ kernel computes float32 and bfloat16)")
+    elif not _cpp_isa(dtype):
+        reasons.append("this CPU lacks AVX2 + FMA (or the extension was built for another architecture)")
+    if head_dim % CPP_HEAD_DIM_MULTIPLE:
+        reasons.append(f"head dim {head_dim} is not a multiple of {CPP_HEAD_DIM_MULTIPLE}")
+    if needs_grad:
+        reasons.append("autograd needs gradients (the C++ kernel is forward-only, for inference)")
+    return reasons
+
+
+_cpp_fake_registered = False
+
+
+def _register_cpp_fake() -> None:
+    from fastseg.ops.overlap_patch_embed import extension_op_reasons
+
+    global _cpp_fake_registered
+    if _cpp_fake_registered or extension_op_reasons("sr_attention_fwd"):
+        return
+    _cpp_fake_registered = True
+    CPP_ISA.update({dtype: torch.ops.fastseg_ext.sr_attention_isa(dtype) for dtype in CPP_DTYPES})
+
+    @torch.library.register_fake("fastseg_ext::sr_attention_fwd")
+    def _(q, kv, num_heads, scale):
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # the kernel writes contiguous tokens
+
+
+def sr_attention_cpp(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """The C++ kernel, reading q and kv in place where their channel stride is 1."""
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kv = kv if kv.stride(-1) == 1 else kv.contiguous()
+    return torch.ops.fastseg_ext.sr_attention_fwd(q, kv, num_heads, float(scale))
+
+
 def _torch_reasons(device: torch.device, dtype: torch.dtype, **_) -> list[str]:
     return [] if dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) else [f"dtype {dtype}"]
 
@@ -188,7 +250,9 @@ def _torch_reasons(device: torch.device, dtype: torch.dtype, **_) -> list[str]:
 dispatch.register_reference("sr_attention", sr_attention_reference)
 dispatch.register("sr_attention", dispatch.Backend(
     "triton", _triton_reasons, sr_attention_triton, auto_reasons=triton_auto_reasons))
+dispatch.register("sr_attention", dispatch.Backend("cpp", _cpp_reasons, sr_attention_cpp))
 dispatch.register("sr_attention", dispatch.Backend("torch", _torch_reasons, sr_attention_torch))
+_register_cpp_fake()
 
 
 def sr_attention(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
@@ -197,5 +261,7 @@ def sr_attention(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale: float
     q: (B, N, C), kv: (B, Nkv, 2C) → (B, N, C). Differentiable in q and kv.
     """
     check_inputs(q, kv, num_heads)
-    impl = dispatch.resolve("sr_attention", device=q.device, dtype=q.dtype, head_dim=q.shape[-1] // num_heads)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)
+    impl = dispatch.resolve("sr_attention", device=q.device, dtype=q.dtype, head_dim=q.shape[-1] // num_heads,
+                            needs_grad=needs_grad)
     return impl(q, kv, num_heads, scale)
