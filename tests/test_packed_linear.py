@@ -180,13 +180,17 @@ def test_fused_model_to_bfloat16_uses_the_new_weights():
     ref, fused = tiny()
     x = torch.randn(1, 3, 64, 64)
     check(fused, ref, x)
-    gold = ref.double()
+    packs = pl.memory()[0]
+    gold = copy.deepcopy(ref).double()
     with torch.no_grad():
         want = gold(x.double())
-    ref, fused = ref.float().to(torch.bfloat16), fused.to(torch.bfloat16)
+    ref, fused = ref.to(torch.bfloat16), fused.to(torch.bfloat16)
     with torch.no_grad():
         got, eager = fused(x.bfloat16()), ref(x.bfloat16())
     assert rel_err(got, want) <= 2 * rel_err(eager, want) + 1e-3
+    # the fp32 packs went with the fp32 memory (.to() keeps the Parameter objects)
+    gc.collect()
+    assert pl.memory()[0] <= packs
 
 
 def test_backends_report_the_packs():

@@ -24,7 +24,8 @@ Public API (the fused SegFormer path and the C++ kernels that want packed weight
     ``tensor`` cast to ``dtype``, cached like the packs (bf16 biases, and dense bf16 weights on CPUs
     whose oneDNN has no bf16 GEMM), so that autocast inference casts no weight per call.
 
-``memory() -> (count, bytes)``, ``clear()``, ``reasons(dtype)``, ``state_key(t)``.
+``memory() -> (count, bytes)``, ``clear()``, ``reasons(dtype)``, ``state_key(t)``, ``set_enabled(bool)``
+(``FASTSEG_PACKED_LINEAR=0`` switches the oneDNN path off at start-up).
 
 Cache: per weight tensor (weakly referenced: a freed model frees its packs) and per dtype, keyed
 on what changes when the weight does: its version counter (bumped by optimiser steps,
@@ -47,12 +48,16 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = ("none", "relu", "gelu")
-ENV = "FASTSEG_PACKED_LINEAR"  # "0": keep aten's F.linear everywhere (for A/B timing)
+ENV = "FASTSEG_PACKED_LINEAR"  # "0": keep aten's F.linear everywhere (read at import)
 _PROBE = 8  # probe rows × columns: 64 sampled elements
+_enabled = os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
-def _env_off() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() in ("0", "off", "false", "no")
+def set_enabled(enabled: bool) -> None:
+    """Switch the oneDNN path on or off for this process (``FASTSEG_PACKED_LINEAR=0`` at start-up
+    sets it off), e.g. to time it against aten."""
+    global _enabled
+    _enabled = bool(enabled)
 
 
 def _mkldnn_bf16() -> bool:
@@ -82,8 +87,8 @@ def _base_reasons() -> list[str]:
     r = list(_static_reasons)
     if not torch.backends.mkldnn.enabled:
         r.append("oneDNN is disabled (torch.backends.mkldnn.enabled is False)")
-    if _env_off():
-        r.append(f"{ENV}=0")
+    if not _enabled:
+        r.append(f"switched off ({ENV}=0 or set_enabled(False))")
     return r
 
 
@@ -158,19 +163,27 @@ def _cached(t: torch.Tensor, kind: str, dtype: torch.dtype, make):
     slot = (kind, dtype, t.storage_offset(), tuple(t.shape), t.stride())
     if entry is not None and entry[0]() is owner:
         hit = entry[1].get(slot)
-        if hit is not None and hit[0] == key and torch.equal(hit[1], _probe(t)):
-            return hit[2]
+        # hit[2] is a view of t's memory (same data pointer and strides, as the key says): one
+        # comparison with the bits it held at packing time.
+        if hit is not None and hit[0] == key and torch.equal(hit[1], hit[2]):
+            return hit[3]
     # A normal tensor even inside torch.inference_mode(): the copy outlives the call.
     with torch.inference_mode(False), torch.no_grad():
         value = make(t.detach())
-        probe = _probe(t).clone()
+        view = _probe(t)
+        probe = view.clone()
     with _lock:
         entry = _cache.get(wid)
         if entry is None or entry[0]() is not owner:
             # The callback runs when the owner is freed, before its id can be reused.
             entry = (weakref.ref(owner, lambda _, wid=wid: _forget(wid)), {})
             _cache[wid] = entry
-        entry[1][slot] = (key, probe, value)
+        # Copies of memory the owner no longer holds (``module.to()`` and ``p.data = …`` give a
+        # parameter new memory): dropped, or they would keep the old memory alive.
+        memory = owner.untyped_storage().data_ptr()
+        for old in [k for k, v in entry[1].items() if v[2].untyped_storage().data_ptr() != memory]:
+            del entry[1][old]
+        entry[1][slot] = (key, probe, view, value)
     return value
 
 
@@ -204,7 +217,7 @@ def memory() -> tuple[int, int]:
     with _lock:
         entries = [e for e in _cache.values() if e[0]() is not None]
         for e in entries:
-            for _, _, value in e[1].values():
+            for *_, value in e[1].values():
                 count += 1
                 nbytes += value.numel() * value.element_size()
     return count, nbytes
@@ -227,9 +240,7 @@ def _apply(y: torch.Tensor, activation: str) -> torch.Tensor:
     return y
 
 
-@torch.library.custom_op("fastseg::packed_linear", mutates_args=())
-def _packed_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      activation: str) -> torch.Tensor:
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """act(x Wᵀ + b) in x's dtype with W (and b) cached in that dtype: oneDNN with the packed
     weight where it computes that dtype, else aten with the cached cast weight."""
     dtype = x.dtype
@@ -240,6 +251,12 @@ def _packed_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     # attr "gelu" with algorithm "none" is the exact (erf) GELU.
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, activation, [],
                                               "none" if activation == "gelu" else "")
+
+
+@torch.library.custom_op("fastseg::packed_linear", mutates_args=())
+def _packed_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      activation: str) -> torch.Tensor:
+    return _packed_linear(x, weight, bias, activation)
 
 
 @_packed_linear_op.register_fake
@@ -281,7 +298,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     dtype = None if _use_aten(x, weight, bias) else _compute_dtype(x, weight)
     if dtype not in (torch.float32, torch.bfloat16):
         return _apply(F.linear(x, weight, bias), activation)
-    return torch.ops.fastseg.packed_linear(x.to(dtype), weight, bias, activation)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if torch.compiler.is_compiling():  # the registered op: traced as one node, no graph break
+        return torch.ops.fastseg.packed_linear(x, weight, bias, activation)
+    # Eager: the same function without the custom op's Python dispatch (~tens of µs a call).
+    return _packed_linear(x, weight, bias, activation)
 
 
 @dataclass(frozen=True)
