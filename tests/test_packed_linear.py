@@ -14,8 +14,21 @@ from fastseg import SegFormer, SegFormerConfig
 from fastseg.ops import packed_linear as pl
 from oracles import randomize_
 
-ONEDNN = not pl.reasons(torch.float32)
-needs_onednn = pytest.mark.skipif(not ONEDNN, reason="; ".join(pl.reasons(torch.float32)) or "-")
+
+
+@pytest.fixture(autouse=True)
+def onednn_forced():
+    """The oneDNN path on for fp32 on any CPU (automatic mode uses it on AVX-512 CPUs only), so
+    these tests exercise it here too; restored afterwards."""
+    previous = pl._enabled
+    pl.set_enabled(True)
+    yield
+    pl.set_enabled(previous)
+
+
+pl.set_enabled(True)
+ONEDNN = not pl.reasons(torch.float32)  # torch has oneDNN's linear ops, and it is not disabled
+pl.set_enabled(pl._env_setting())
 
 
 def ref_linear(x, w, b, activation):
@@ -120,6 +133,18 @@ def test_autograd_keeps_aten_and_gives_eager_gradients():
     F.linear(x, lin.weight, lin.bias).backward(g)
     for a, b in zip(got, (x.grad, lin.weight.grad, lin.bias.grad)):
         assert torch.equal(a, b)
+
+
+def test_automatic_mode_follows_the_cpu():
+    pl.set_enabled(None)
+    cap = torch.backends.cpu.get_cpu_capability()
+    fp32 = pl.reasons(torch.float32)
+    assert (not fp32) == (ONEDNN and cap.upper().startswith("AVX512")), (cap, fp32)
+    x, w = torch.randn(9, 12), torch.randn(7, 12)
+    with torch.no_grad():
+        assert rel_err(pl.linear(x, w), ref_linear(x, w, None, "none")) <= 1e-5
+    pl.set_enabled(False)
+    assert pl.packed_weight(w) is None and pl.choice("cpu", torch.float32).backend == "aten"
 
 
 def test_bad_input():

@@ -24,8 +24,11 @@ Public API (the fused SegFormer path and the C++ kernels that want packed weight
     ``tensor`` cast to ``dtype``, cached like the packs (bf16 biases, and dense bf16 weights on CPUs
     whose oneDNN has no bf16 GEMM), so that autocast inference casts no weight per call.
 
-``memory() -> (count, bytes)``, ``clear()``, ``reasons(dtype)``, ``state_key(t)``, ``set_enabled(bool)``
-(``FASTSEG_PACKED_LINEAR=0`` switches the oneDNN path off at start-up).
+``memory() -> (count, bytes)``, ``clear()``, ``reasons(dtype)``, ``state_key(t)``, ``set_enabled(…)``.
+
+When oneDNN runs: bf16 wherever oneDNN has a bf16 GEMM on the CPU; fp32 automatically where
+ATen dispatches AVX-512 kernels (on AVX2-only CPUs MKL runs the same kind of kernels and stays).
+``FASTSEG_PACKED_LINEAR=1`` forces oneDNN for fp32 on any CPU, ``=0`` keeps aten everywhere.
 
 Cache: per weight tensor (weakly referenced: a freed model frees its packs) and per dtype, keyed
 on what changes when the weight does: its version counter (bumped by optimiser steps,
@@ -48,16 +51,39 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = ("none", "relu", "gelu")
-ENV = "FASTSEG_PACKED_LINEAR"  # "0": keep aten's F.linear everywhere (read at import)
+ENV = "FASTSEG_PACKED_LINEAR"  # "0": aten everywhere; "1": oneDNN for fp32 on any CPU; unset: auto
 _PROBE = 8  # probe rows × columns: 64 sampled elements
-_enabled = os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
-def set_enabled(enabled: bool) -> None:
-    """Switch the oneDNN path on or off for this process (``FASTSEG_PACKED_LINEAR=0`` at start-up
-    sets it off), e.g. to time it against aten."""
+def _env_setting() -> bool | None:
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return False
+    return True if value in ("1", "on", "true", "yes") else None
+
+
+_enabled = _env_setting()  # None: automatic (see _fp32_auto_reasons)
+
+
+def set_enabled(enabled: bool | None) -> None:
+    """True: oneDNN for every dtype it computes here; False: aten's F.linear everywhere (autocast
+    casting weights as usual); None: automatic. Read from ``FASTSEG_PACKED_LINEAR`` (1 / 0 /
+    unset) at import; e.g. to time one against the other."""
     global _enabled
-    _enabled = bool(enabled)
+    _enabled = None if enabled is None else bool(enabled)
+
+
+def _fp32_auto_reasons() -> list[str]:
+    """fp32 in automatic mode: oneDNN where ATen dispatches AVX-512 kernels (there MKL's sgemm
+    takes a generic AVX2 path on AMD CPUs, at half oneDNN's rate: issue 21's Zen 4 figures).
+    On an AVX2-only CPU MKL and oneDNN both run AVX2 kernels: measured at parity there (Zen 3,
+    loaded machine; oneDNN's per-call overhead costs at small M), so aten stays."""
+    if _enabled is not None:
+        return []
+    cap = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "unknown")()
+    if not str(cap).upper().startswith("AVX512"):
+        return [f"fp32 on a {cap} CPU: MKL runs the same kernels as oneDNN here ({ENV}=1 forces oneDNN)"]
+    return []
 
 
 def _mkldnn_bf16() -> bool:
@@ -87,7 +113,7 @@ def _base_reasons() -> list[str]:
     r = list(_static_reasons)
     if not torch.backends.mkldnn.enabled:
         r.append("oneDNN is disabled (torch.backends.mkldnn.enabled is False)")
-    if not _enabled:
+    if _enabled is False:
         r.append(f"switched off ({ENV}=0 or set_enabled(False))")
     return r
 
@@ -102,7 +128,7 @@ def reasons(dtype: torch.dtype = torch.float32) -> list[str]:
                 "bf16 uses a cached bf16 weight with aten"]
     if dtype not in (torch.float32, torch.bfloat16):
         return [f"dtype {dtype} (oneDNN's CPU linear here: float32, bfloat16)"]
-    return []
+    return _fp32_auto_reasons() if dtype == torch.float32 else []
 
 
 # --- the cache --------------------------------------------------------------------------------
@@ -332,5 +358,4 @@ def choice(device: torch.device, dtype: torch.dtype) -> LinearChoice:
     r = reasons(dtype)
     if not r:
         return LinearChoice("linear", "onednn", {}, count, nbytes)
-    backend = "aten (cached weights)" if dtype == torch.bfloat16 and not _base_reasons() else "aten"
-    return LinearChoice("linear", backend, {"onednn": r}, count, nbytes)
+    return LinearChoice("linear", "aten", {"onednn": r}, count, nbytes)
