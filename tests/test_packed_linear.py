@@ -243,3 +243,26 @@ def test_compile_fullgraph_fused_model():
         fused.encoder.stages[3].blocks[0].mlp.fc2.weight.mul_(2)  # packs rebuilt at run time
         ref.encoder.stages[3].blocks[0].mlp.fc2.weight.mul_(2)
         assert rel_err(compiled(x), ref(x)) < 1e-4
+
+
+def test_one_fused_model_called_from_several_threads():
+    """Four threads share one model (and its packs); a weight edit between rounds is seen by all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ref, fused = tiny()
+    xs = [torch.randn(1, 3, 64 + 8 * i, 48) for i in range(4)]
+
+    def run(x):
+        with torch.no_grad():
+            return fused(x)
+
+    for _ in range(2):
+        with torch.no_grad():
+            want = [ref(x) for x in xs]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(run, xs))
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < 1e-4
+        for model in (ref, fused):
+            with torch.no_grad():
+                model.encoder.stages[0].blocks[0].mlp.fc2.weight.mul_(-2)

@@ -133,7 +133,7 @@ def reasons(dtype: torch.dtype = torch.float32) -> list[str]:
 
 # --- the cache --------------------------------------------------------------------------------
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a weakref callback may run while this thread holds it
 _cache: dict[int, tuple] = {}  # id(weight) -> (weakref to weight, {(kind, dtype): (key, copy)})
 
 
