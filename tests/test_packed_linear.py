@@ -266,3 +266,28 @@ def test_one_fused_model_called_from_several_threads():
         for model in (ref, fused):
             with torch.no_grad():
                 model.encoder.stages[0].blocks[0].mlp.fc2.weight.mul_(-2)
+
+
+def _has_head() -> bool:
+    from fastseg.ops.overlap_patch_embed import extension_op_reasons
+
+    return not extension_op_reasons("decoder_head_fwd")
+
+
+@pytest.mark.skipif(not _has_head(), reason="the compiled extension (with decoder_head_fwd) is not built")
+@pytest.mark.skipif(not ONEDNN, reason="torch without oneDNN's linear ops")
+def test_cpp_decoder_head_with_packed_weights():
+    """The C++ head's two GEMMs on oneDNN (packed weights) against its aten GEMMs; mismatched
+    packs are refused with a message naming them."""
+    B, H, W, C, E, K = 2, 9, 13, 24, 40, 7
+    maps = [torch.randn(B, 5, 7, E), torch.randn(B, 3, 4, E)]
+    x, w, bias = torch.randn(B, H, W, C), torch.randn(E, C) / C ** 0.5, torch.randn(E)
+    cls_w, cls_b = torch.randn(K, E) / E ** 0.5, torch.randn(K)
+    head = torch.ops.fastseg_ext.decoder_head_fwd
+    want = head(maps, x, w, H, W, bias, True, cls_w, cls_b)
+    got = head(maps, x, w, H, W, bias, True, cls_w, cls_b, pl.packed_weight(w), pl.packed_weight(cls_w))
+    assert rel_err(got, want) <= 1e-5
+    proj_only = head(maps, x, w, H, W, bias, False, None, None, pl.packed_weight(w), None)
+    assert rel_err(proj_only, head(maps, x, w, H, W, bias, False, None, None)) <= 1e-5
+    with pytest.raises(ValueError, match="x_weight_packed"):
+        head(maps, x, w, H, W, bias, True, cls_w, cls_b, pl.packed_weight(cls_w), None)
