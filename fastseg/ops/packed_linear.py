@@ -30,10 +30,11 @@ When oneDNN runs: bf16 wherever oneDNN has a bf16 GEMM on the CPU; fp32 automati
 ATen dispatches AVX-512 kernels (on AVX2-only CPUs MKL runs the same kind of kernels and stays).
 ``FASTSEG_PACKED_LINEAR=1`` forces oneDNN for fp32 on any CPU, ``=0`` keeps aten everywhere.
 
-Cache: per weight tensor (weakly referenced: a freed model frees its packs) and per dtype, keyed
-on what changes when the weight does: its version counter (bumped by optimiser steps,
-``load_state_dict``, ``with torch.no_grad(): w.add_(1)``), data pointer, shape, strides and dtype
-(``.to()`` makes a new tensor), plus a 64-element probe of its bits, which catches writes through
+Cache: per weight tensor (a view, e.g. ``weight.flatten(1)``, under its base; weakly referenced:
+a freed model frees its packs) and per dtype, keyed on what changes when the weight does: its
+version counter (bumped by optimiser steps, ``load_state_dict``, ``with torch.no_grad():
+w.add_(1)``), data pointer, shape, strides and dtype (``module.to()`` gives a parameter new
+memory; the copies of the old memory are dropped), plus a 64-element probe of its bits, which catches writes through
 ``w.data`` (a view with its own version counter that autograd does not track either: whole-tensor
 edits such as ``w.data.mul_(2)`` or ``w.data.copy_(…)`` change the probe; an edit through
 ``.data`` of only elements the probe does not sample needs :func:`clear`). Weights made under
