@@ -308,9 +308,22 @@ def upsample_sum_cpp(maps, out_hw, bias=None, relu=False, classifier_weight=None
     if classifier_weight is not None:
         cls_w, cls_packed = cast(classifier_weight), pack(classifier_weight)
         cls_b = None if classifier_bias is None else cast(classifier_bias)
+    packs = (x_packed, cls_packed) if _head_takes_packs() else ()
     return torch.ops.fastseg_ext.decoder_head_fwd(
         [m.contiguous() for m in maps], x, weight, out_hw[0], out_hw[1],
-        None if bias is None else bias.float(), relu, cls_w, cls_b, x_packed, cls_packed)
+        None if bias is None else bias.float(), relu, cls_w, cls_b, *packs)
+
+
+_takes_packs = None
+
+
+def _head_takes_packs() -> bool:
+    """Whether the loaded extension's head takes packed weights (an older build does not)."""
+    global _takes_packs
+    if _takes_packs is None:
+        schema = torch.ops.fastseg_ext.decoder_head_fwd.default._schema
+        _takes_packs = any(a.name == "x_weight_packed" for a in schema.arguments)
+    return _takes_packs
 
 
 def _cpp_reasons(device: torch.device, dtype: torch.dtype, needs_grad: bool = False, **_) -> list[str]:
