@@ -308,7 +308,7 @@ def upsample_sum_cpp(maps, out_hw, bias=None, relu=False, classifier_weight=None
     if classifier_weight is not None:
         cls_w, cls_packed = cast(classifier_weight), pack(classifier_weight)
         cls_b = None if classifier_bias is None else cast(classifier_bias)
-    packs = (x_packed, cls_packed) if _head_takes_packs() else ()
+    packs = () if compiling or not _head_takes_packs() else (x_packed, cls_packed)
     return torch.ops.fastseg_ext.decoder_head_fwd(
         [m.contiguous() for m in maps], x, weight, out_hw[0], out_hw[1],
         None if bias is None else bias.float(), relu, cls_w, cls_b, *packs)
