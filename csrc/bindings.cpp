@@ -51,11 +51,12 @@ TORCH_LIBRARY(fastseg_ext, m) {
   // Fused bilinear upsample (align_corners=False) + argmax over K, inference only (CPU kernel:
   // upsample_argmax_cpu.cpp): (labels (B, H, W) int64, scores (B, H, W) or empty (0, H, W)).
   m.def("upsample_argmax_fwd(Tensor logits, int H, int W, bool return_scores) -> (Tensor, Tensor)");
-  // The decoder head, inference form, over bands of output rows (CPU kernel: decoder_head_cpu.cpp):
+  // The decoder head, inference form, over bands of output rows (CPU kernel: decoder_head_cpu.cpp);
+  // the *_packed weights (oneDNN layout, fastseg/ops/packed_linear.py) run its GEMMs on oneDNN:
   // [ReLU](sum of resized maps + x @ x_weight^T + bias) [@ cls_weight^T + cls_bias] -> (B, H, W, K or E).
   m.def(
       "decoder_head_fwd(Tensor[] maps, Tensor? x, Tensor? x_weight, int H, int W, Tensor? bias, bool relu, "
-      "Tensor? cls_weight, Tensor? cls_bias) -> Tensor");
+      "Tensor? cls_weight, Tensor? cls_bias, Tensor? x_weight_packed=None, Tensor? cls_weight_packed=None) -> Tensor");
   // Mix-FFN depthwise 3x3 conv + bias + GELU on tokens (B, H*W, C), fc1's bias (in_bias) added to
   // every in-image tap; forward only (CPU kernel: dwconv3x3_gelu_cpu.cpp, float32/bfloat16).
   // Autograd and the fake implementation live in fastseg/ops/dwconv3x3_gelu.py.
@@ -98,6 +99,7 @@ TORCH_LIBRARY_FRAGMENT(fastseg_ext, m) {
 // A packed (oneDNN-layout) weight makes the call dispatch on MkldnnCPU: the same CPU kernel.
 TORCH_LIBRARY_IMPL(fastseg_ext, MkldnnCPU, m) {
   m.impl("overlap_patch_embed_fwd", &fastseg::overlap_patch_embed_fwd_cpu);
+  m.impl("decoder_head_fwd", &fastseg::decoder_head_fwd_cpu);
 }
 
 // A plain Python module: importing it loads this library, which runs the registrations above.

@@ -6,7 +6,8 @@
 // derives them); X·Wᵀ is the projection of the stage that is already at output size, which is
 // the largest map of all (B·H·W·E: 50 MB for a b2 at 512², 400 MB at 2048×1024), so it is never
 // built whole either. The work runs over bands of output rows, one band per thread at a time:
-//   1. acc = X_band · Wᵀ                     (a small GEMM, ATen/MKL, single-threaded in the band)
+//   1. acc = X_band · Wᵀ                     (a small GEMM, single-threaded in the band: oneDNN with
+//                                             a packed W when the caller passes one, else ATen/MKL)
 //   2. acc += bilinear taps of every Pᵢ      (rows mixed, then columns; vectorised over E)
 //   3. acc = ReLU(acc + b)
 //   4. out_band = acc · Wclsᵀ + bcls         (a small GEMM)
@@ -23,6 +24,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 
 #include <algorithm>
 #include <cmath>
@@ -99,6 +102,48 @@ FASTSEG_CLONES void finish(uint16_t* __restrict dst, const float* acc, const flo
   }
 }
 
+// y = x · Wᵀ (+ b) by oneDNN with W already in its packed layout (the Python side caches it per
+// weight version): mkldnn::_linear_pointwise, which skips the per-call weight reorder and runs at
+// oneDNN's rate where MKL's sgemm does not (AMD CPUs). Called boxed through the dispatcher, as
+// overlap_patch_embed_cpu.cpp calls the packed conv: its schema has no C++ types that changed
+// across torch versions.
+class PackedLinear {
+ public:
+  PackedLinear() : op_(c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""})) {}
+  bool available() const { return op_.has_value(); }
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) const {
+    torch::jit::Stack stack;
+    stack.reserve(6);
+    stack.emplace_back(x);
+    stack.emplace_back(packed);
+    stack.emplace_back(bias.has_value() && bias->defined() ? c10::IValue(*bias) : c10::IValue());
+    stack.emplace_back(std::string("none"));  // no fused activation
+    stack.emplace_back(c10::impl::GenericList(c10::OptionalType::create(c10::NumberType::get())));
+    stack.emplace_back(c10::IValue());  // algorithm
+    op_->callBoxed(&stack);
+    return stack.at(0).toTensor();
+  }
+
+ private:
+  std::optional<c10::OperatorHandle> op_;
+};
+
+const PackedLinear& packed_linear() {
+  static const PackedLinear op;
+  return op;
+}
+
+void check_packed(const char* name, const std::optional<at::Tensor>& packed, const at::Tensor& weight) {
+  if (!packed) return;
+  TORCH_CHECK_VALUE(packed_linear().available(), "decoder_head: ", name, " needs ATen's mkldnn::_linear_pointwise, "
+                    "which this torch lacks; pass None");
+  TORCH_CHECK_VALUE(packed->is_mkldnn(), "decoder_head: ", name, " must be a weight in oneDNN's layout "
+                    "(torch.ops.mkldnn._reorder_linear_weight), got a ", packed->layout(), " tensor");
+  TORCH_CHECK_VALUE(packed->sizes() == weight.sizes() && packed->scalar_type() == weight.scalar_type(),
+                    "decoder_head: ", name, " ", packed->sizes(), " ", packed->scalar_type(), " does not match its weight ",
+                    weight.sizes(), " ", weight.scalar_type());
+}
+
 template <typename T>
 const T* as_raw(const at::Tensor& t);
 template <>
@@ -118,6 +163,7 @@ template <typename T>
 void run_bands(at::TensorList maps, const std::vector<MapView>& views, const std::optional<at::Tensor>& x,
                const at::Tensor& x_weight_t, int64_t B, int64_t H, int64_t W, int64_t E, const float* bias,
                bool relu, const std::optional<at::Tensor>& cls_weight_t, const std::optional<at::Tensor>& cls_bias,
+               const std::optional<at::Tensor>& x_packed, const std::optional<at::Tensor>& cls_packed,
                at::Tensor& out) {
   constexpr bool kLow = std::is_same<T, uint16_t>::value;
   const auto opts = out.options();
@@ -144,16 +190,20 @@ void run_bands(at::TensorList maps, const std::vector<MapView>& views, const std
       const int64_t r1 = std::min(end, r0 + rows_per_band);
       const int64_t P = (r1 - r0) * W, p0 = r0 * W;
       at::Tensor band = acc.narrow(0, 0, P);
+      // 1. the full-size stage's projection, for this band only. fp32 with a packed weight:
+      // oneDNN's output is the band's accumulator itself (it writes a fresh tensor).
+      const bool onednn_band = !kLow && x && x_packed;
+      if (onednn_band) band = packed_linear()(x_flat.narrow(0, p0, P), *x_packed, std::nullopt);
       float* accp = band.data_ptr<float>();
-      if (x) {  // 1. the full-size stage's projection, for this band only
+      if (x && !onednn_band) {
         const at::Tensor xb = x_flat.narrow(0, p0, P);
         if constexpr (kLow) {
-          const at::Tensor proj = at::mm(xb, x_weight_t);
+          const at::Tensor proj = x_packed ? packed_linear()(xb, *x_packed, std::nullopt) : at::mm(xb, x_weight_t);
           widen(accp, as_raw<uint16_t>(proj), P * E);
         } else {
           at::mm_out(band, xb, x_weight_t);
         }
-      } else {
+      } else if (!x) {
         std::fill(accp, accp + P * E, 0.f);
       }
       for (int64_t r = r0; r < r1; ++r) {  // 2. bilinear taps of every map
@@ -189,6 +239,8 @@ void run_bands(at::TensorList maps, const std::vector<MapView>& views, const std
       at::Tensor dst = out_flat.narrow(0, p0, P);  // 4. classifier, straight into the logits
       if (!cls_weight_t) {
         dst.copy_(ready);
+      } else if (cls_packed) {
+        dst.copy_(packed_linear()(ready, *cls_packed, cls_bias));
       } else if (cls_bias) {
         at::addmm_out(dst, *cls_bias, ready, *cls_weight_t);
       } else {
@@ -204,7 +256,9 @@ at::Tensor decoder_head_fwd_cpu(at::TensorList maps, const std::optional<at::Ten
                                 const std::optional<at::Tensor>& x_weight, int64_t H, int64_t W,
                                 const std::optional<at::Tensor>& bias, bool relu,
                                 const std::optional<at::Tensor>& cls_weight,
-                                const std::optional<at::Tensor>& cls_bias) {
+                                const std::optional<at::Tensor>& cls_bias,
+                                const std::optional<at::Tensor>& x_weight_packed,
+                                const std::optional<at::Tensor>& cls_weight_packed) {
   TORCH_CHECK(!maps.empty() || x.has_value(), "decoder_head: nothing to sum (no maps, no projection)");
   TORCH_CHECK(x.has_value() == x_weight.has_value(), "decoder_head: x and x_weight come together");
   TORCH_CHECK(H > 0 && W > 0, "decoder_head: bad output size ", H, "x", W);
@@ -234,6 +288,9 @@ at::Tensor decoder_head_fwd_cpu(at::TensorList maps, const std::optional<at::Ten
                 "decoder_head: x_weight must be (E, C) in the maps' dtype");
     x_weight_t = x_weight->t();
   }
+  const std::optional<at::Tensor> x_packed =
+      x && x_weight_packed && x_weight_packed->defined() ? x_weight_packed : std::nullopt;
+  if (x_packed) check_packed("x_weight_packed", x_packed, *x_weight);
   const float* bias_ptr = nullptr;
   at::Tensor bias_c;
   if (bias) {
@@ -253,13 +310,16 @@ at::Tensor decoder_head_fwd_cpu(at::TensorList maps, const std::optional<at::Ten
       TORCH_CHECK(cls_bias->dim() == 1 && cls_bias->size(0) == K && cls_bias->scalar_type() == dtype,
                   "decoder_head: cls_bias must be (K,) in the maps' dtype");
   }
+  const std::optional<at::Tensor> cls_packed =
+      cls_weight && cls_weight_packed && cls_weight_packed->defined() ? cls_weight_packed : std::nullopt;
+  if (cls_packed) check_packed("cls_weight_packed", cls_packed, *cls_weight);
   at::Tensor out = at::empty({B, H, W, K}, first.options());
   if (dtype == at::kFloat)
     run_bands<float>(maps, views, x, x_weight_t, B, H, W, E, bias_ptr, relu, cls_weight_t,
-                     cls_weight ? cls_bias : std::nullopt, out);
+                     cls_weight ? cls_bias : std::nullopt, x_packed, cls_packed, out);
   else
     run_bands<uint16_t>(maps, views, x, x_weight_t, B, H, W, E, bias_ptr, relu, cls_weight_t,
-                        cls_weight ? cls_bias : std::nullopt, out);
+                        cls_weight ? cls_bias : std::nullopt, x_packed, cls_packed, out);
   return out;
 }
 

@@ -13,7 +13,7 @@ import torch
 
 def info(args) -> int:
     import fastseg
-    from fastseg.ops import dispatch
+    from fastseg.ops import dispatch, packed_linear
 
     print(f"fastseg {fastseg.__version__}, torch {torch.__version__}")
     from importlib.metadata import PackageNotFoundError, version
@@ -50,6 +50,7 @@ def info(args) -> int:
                 except dispatch.BackendUnavailable as e:
                     text = f"ERROR: {e}"
                 print(f"  {op:24s} {text}")
+            print(f"  {'linear':24s} {packed_linear.choice(torch.device(device), dtype).describe()}")
     return 0
 
 

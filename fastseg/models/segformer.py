@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from fastseg import checkpoints, cpu_allocator, ops
 from fastseg.models.config import VARIANTS, SegFormerConfig
 from fastseg.ops.dwconv3x3_gelu import folds_in_bias
+from fastseg.ops.packed_linear import choice as packed_choice, linear as packed_linear, state_key
 
 # The stage-1 spatial-reduction conv has an 8×8 kernel over the 1/4-resolution map.
 MIN_IMAGE_SIZE = 32
@@ -89,20 +90,22 @@ class SRAttention(nn.Module):
         """x: (B, N, C) tokens of an H×W map → (B, N, C). ``proj_bias=False`` (fused path): the
         output projection without its bias, which the fused Block adds in ``add_layer_norm``."""
         B, N, C = x.shape
-        q = self.q(x)
         if not self.fused:
+            q = self.q(x)
             if self.sr_ratio > 1:
                 x_ = x.permute(0, 2, 1).reshape(B, C, H, W)
                 x_ = self._reduce(x_).reshape(B, C, -1).permute(0, 2, 1)
                 x = self.norm(x_)
             return self.proj(ops.sr_attention_reference(q, self.kv(x), self.num_heads, self.scale))
+        # Every linear of the fused path: oneDNN with packed weights for CPU inference, else aten.
+        q = packed_linear(x, self.q.weight, self.q.bias)
         if self.sr_ratio > 1:
             # Tokens are a channels-last image: view them as NCHW without a copy; the conv keeps
             # channels-last, so its output flattens back to tokens as a view too.
             x_ = self._reduce(x.reshape(B, H, W, C).permute(0, 3, 1, 2))
             x = self.norm(x_.flatten(2).transpose(1, 2))
-        out = ops.sr_attention(q, self.kv(x), self.num_heads, self.scale)
-        return self.proj(out) if proj_bias else F.linear(out, self.proj.weight)
+        out = ops.sr_attention(q, packed_linear(x, self.kv.weight, self.kv.bias), self.num_heads, self.scale)
+        return packed_linear(out, self.proj.weight, self.proj.bias if proj_bias else None)
 
 
 class MixFFN(nn.Module):
@@ -123,17 +126,20 @@ class MixFFN(nn.Module):
             if folds_in_bias(x.device, dtype):
                 # fc1 without its bias: the C++ kernel adds it to the conv's input taps, saving
                 # the pass in which addmm copies the bias into the whole (B, N, 4C) output.
-                x = F.linear(x, self.fc1.weight)
+                x = packed_linear(x, self.fc1.weight)
                 return ops.dwconv3x3_gelu(x, H, W, self.dwconv.weight, self.dwconv.bias, in_bias=self.fc1.bias)
-            return ops.dwconv3x3_gelu(self.fc1(x), H, W, self.dwconv.weight, self.dwconv.bias)
+            return ops.dwconv3x3_gelu(packed_linear(x, self.fc1.weight, self.fc1.bias), H, W, self.dwconv.weight,
+                                      self.dwconv.bias)
         return ops.dwconv3x3_gelu_reference(self.fc1(x), H, W, self.dwconv.weight, self.dwconv.bias)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        if self.fused:
+            return packed_linear(self.hidden(x, H, W), self.fc2.weight, self.fc2.bias)
         return self.fc2(self.hidden(x, H, W))
 
     def forward_pre_bias(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """``forward`` without fc2's bias (the fused Block adds it in ``add_layer_norm``): (B, N, C)."""
-        return F.linear(self.hidden(x, H, W), self.fc2.weight)
+        return packed_linear(self.hidden(x, H, W), self.fc2.weight)
 
 
 class Block(nn.Module):
@@ -257,7 +263,7 @@ class AllMLPDecoder(nn.Module):
             cl = [f.permute(0, 2, 3, 1) for f in feats]
             # Stage 1 is already at output size: its projection joins the sum inside the op
             # (which may build it one band at a time); the others are projected here, small.
-            maps = [F.linear(f, M) for f, M in zip(cl[1:], Ms[1:])]
+            maps = [packed_linear(f, M) for f, M in zip(cl[1:], Ms[1:])]
             return finish_fused_head(self, maps, b, feats[0].shape[2:], project=(cl[0], Ms[0]))
         B, _, H, W = feats[0].shape
         outs = []
@@ -307,7 +313,7 @@ class MMSegDecoder(nn.Module):
         if self.fused:
             Fs, b = folded_weights(self, lambda: ops.fold_mmseg_head(
                 self.convs, self.fusion_conv.conv.weight, None if self.training else self.bn))
-            maps = [F.linear(conv(f).permute(0, 2, 3, 1), Fi) for f, conv, Fi in zip(feats, self.convs, Fs)]
+            maps = [packed_linear(conv(f).permute(0, 2, 3, 1), Fi) for f, conv, Fi in zip(feats, self.convs, Fs)]
             return finish_fused_head(self, maps, b, feats[0].shape[2:])
         H, W = feats[0].shape[2:]
         outs = []
@@ -323,8 +329,9 @@ class MMSegDecoder(nn.Module):
 def folded_weights(head: nn.Module, fold):
     """``fold()``, cached for inference: the fold is a few E×E×Cᵢ GEMMs that cost more than the
     whole head at small inputs. The cache is keyed on every parameter's and buffer's version
-    counter (bumped by optimiser steps, ``load_state_dict`` and any in-place change), so it can
-    never serve stale weights; with autograd on, or while compiling, it folds afresh, and so it
+    counter (bumped by optimiser steps, ``load_state_dict`` and any in-place change) and a probe
+    of its values (which catches writes through ``.data``: :func:`fastseg.ops.packed_linear.state_key`),
+    so it cannot serve stale weights; with autograd on, or while compiling, it folds afresh, and so it
     does for inference tensors (weights made under ``torch.inference_mode``), which have no
     version counter. Autocast changes the fold's dtype, so its state is part of the key."""
     if head.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -333,10 +340,12 @@ def folded_weights(head: nn.Module, fold):
     if any(t.is_inference() for t in state):
         return fold()
     autocast = tuple((d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d))
-    key = (autocast,) + tuple((id(t), t._version, t.device, t.dtype) for t in state)
+    key = (autocast,) + tuple((id(t), t.device, state_key(t)) for t in state)
     cached = getattr(head, "_fold_cache", None)
     if cached is None or cached[0] != key:
-        with torch.inference_mode():
+        # Normal tensors (not inference-mode ones), so that the packed-weight cache of the
+        # projections (fastseg.ops.packed_linear) can key on their version counters.
+        with torch.inference_mode(False), torch.no_grad():
             cached = (key, fold())
         head._fold_cache = cached
     return cached[1]
@@ -514,7 +523,8 @@ class SegFormer(FusedSwitch, nn.Module):
     # -- fused / reference -------------------------------------------------------------------
 
     def backends(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> dict:
-        """For each fused op, the :class:`fastseg.ops.dispatch.Choice` this model would use now."""
+        """For each fused op, the :class:`fastseg.ops.dispatch.Choice` this model would use now;
+        ``"linear"``: where its linears run and the bytes their cached packed weights take."""
         from fastseg.ops import dispatch
 
         param = next(self.parameters())
@@ -529,6 +539,9 @@ class SegFormer(FusedSwitch, nn.Module):
             if op == "sr_attention":
                 facts["head_dim"] = min(d // h for d, h in zip(self.config.embed_dims, self.config.num_heads))
             report[op] = dispatch.choose(op, **facts)
+        # Every linear of the fused path (fastseg.ops.packed_linear), with its packed copies' memory.
+        report["linear"] = (packed_choice(device, dtype) if self._fused else
+                            dispatch.Choice("linear", dispatch.REFERENCE, {"fused": ["model.fused is False"]}))
         return report
 
     # -- checkpoints -------------------------------------------------------------------------

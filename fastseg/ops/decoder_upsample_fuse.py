@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastseg.ops import dispatch
+from fastseg.ops.packed_linear import linear, packed_weight, weight_in
 from fastseg.ops.sr_attention import triton_auto_reasons, triton_device_reasons
 
 
@@ -30,9 +31,9 @@ def _resize(m: torch.Tensor, out_hw) -> torch.Tensor:
     return up.permute(0, 2, 3, 1)
 
 
-def _projected(maps, project):
+def _projected(maps, project, gemm=F.linear):
     """``maps`` with the projection ``x Wᵀ`` of ``project = (x, W)`` computed in front (or as is)."""
-    return maps if project is None else [F.linear(*project), *maps]
+    return maps if project is None else [gemm(*project), *maps]
 
 
 def upsample_sum_reference(maps, out_hw, bias=None, relu=False, classifier_weight=None, classifier_bias=None,
@@ -80,7 +81,7 @@ def _upsample_sum_banded(maps, out_hw, bias, relu, classifier_weight, classifier
     rows = max(1, BAND_ELEMENTS // max(1, B * W * E))
     for r0 in range(0, H, rows):
         r1 = min(H, r0 + rows)
-        parts = ([F.linear(project[0][:, r0:r1], project[1])] if project is not None else []) + [
+        parts = ([linear(project[0][:, r0:r1], project[1])] if project is not None else []) + [
             _resize_rows(m, out_hw, r0, r1) for m in maps]
         y = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
         for part in parts[2:]:
@@ -90,7 +91,7 @@ def _upsample_sum_banded(maps, out_hw, bias, relu, classifier_weight, classifier
         if relu:
             y.relu_()
         if classifier_weight is not None:
-            y = F.linear(y, classifier_weight, classifier_bias)
+            y = linear(y, classifier_weight, classifier_bias)
         out[:, r0:r1] = y
     return out
 
@@ -124,7 +125,7 @@ def upsample_sum_torch(maps, out_hw, bias=None, relu=False, classifier_weight=No
     if not _needs_grad(maps, bias, classifier_weight, classifier_bias, project) and (
             B * out_hw[0] * out_hw[1] * E > BAND_ELEMENTS and out_hw[0] > 1):
         return _upsample_sum_banded(maps, tuple(out_hw), bias, relu, classifier_weight, classifier_bias, project)
-    maps = _projected(maps, project)
+    maps = _projected(maps, project, linear)
     y = _resize(maps[0], out_hw)
     y = y + _resize(maps[1], out_hw) if len(maps) > 1 else y.clone()
     for m in maps[2:]:
@@ -134,7 +135,7 @@ def upsample_sum_torch(maps, out_hw, bias=None, relu=False, classifier_weight=No
     if relu:
         y.relu_()
     if classifier_weight is not None:
-        y = F.linear(y, classifier_weight, classifier_bias)
+        y = linear(y, classifier_weight, classifier_bias)
     return y
 
 
@@ -289,15 +290,40 @@ def upsample_sum_cpp(maps, out_hw, bias=None, relu=False, classifier_weight=None
                      project=None):
     """The extension's banded head (``csrc/decoder_head_cpu.cpp``): per band of output rows, the
     projection, the bilinear taps of every map, bias + ReLU and the classifier GEMM, so neither
-    the full-size E-channel projection nor any resized map exists. Inference only."""
+    the full-size E-channel projection nor any resized map exists. Inference only.
+
+    Its two GEMMs run on oneDNN with the weights packed once per version
+    (:func:`fastseg.ops.packed_linear.packed_weight`) where oneDNN computes the dtype; weights in
+    another dtype than the maps' (autocast) are cast once per version, not per call. While
+    torch.compile traces, the dense weights go in (a pack is a runtime cache, not a graph value)."""
     dtype = _compute_dtype(maps, project)
-    x, weight = (None, None) if project is None else (project[0].to(dtype).contiguous(),
-                                                      project[1].to(dtype).contiguous())
-    cls_w = None if classifier_weight is None else classifier_weight.to(dtype)
-    cls_b = None if classifier_weight is None or classifier_bias is None else classifier_bias.to(dtype)
+    compiling = torch.compiler.is_compiling()
+    cast = (lambda t: t.to(dtype)) if compiling else (lambda t: weight_in(t, dtype))
+    pack = (lambda t: None) if compiling else (lambda t: packed_weight(t, dtype))
+    x, weight, x_packed = None, None, None
+    if project is not None:
+        x, weight = project[0].to(dtype).contiguous(), cast(project[1]).contiguous()
+        x_packed = pack(project[1])
+    cls_w = cls_b = cls_packed = None
+    if classifier_weight is not None:
+        cls_w, cls_packed = cast(classifier_weight), pack(classifier_weight)
+        cls_b = None if classifier_bias is None else cast(classifier_bias)
+    packs = () if compiling or not _head_takes_packs() else (x_packed, cls_packed)
     return torch.ops.fastseg_ext.decoder_head_fwd(
         [m.contiguous() for m in maps], x, weight, out_hw[0], out_hw[1],
-        None if bias is None else bias.float(), relu, cls_w, cls_b)
+        None if bias is None else bias.float(), relu, cls_w, cls_b, *packs)
+
+
+_takes_packs = None
+
+
+def _head_takes_packs() -> bool:
+    """Whether the loaded extension's head takes packed weights (an older build does not)."""
+    global _takes_packs
+    if _takes_packs is None:
+        schema = torch.ops.fastseg_ext.decoder_head_fwd.default._schema
+        _takes_packs = any(a.name == "x_weight_packed" for a in schema.arguments)
+    return _takes_packs
 
 
 def _cpp_reasons(device: torch.device, dtype: torch.dtype, needs_grad: bool = False, **_) -> list[str]:
@@ -325,7 +351,7 @@ def _register_fake() -> None:
     _fake_registered = True
 
     @torch.library.register_fake("fastseg_ext::decoder_head_fwd")
-    def _(maps, x, x_weight, H, W, bias, relu, cls_weight, cls_bias):
+    def _(maps, x, x_weight, H, W, bias, relu, cls_weight, cls_bias, x_weight_packed=None, cls_weight_packed=None):
         first = x if x is not None else maps[0]
         E = x_weight.shape[0] if x_weight is not None else maps[0].shape[3]
         return first.new_empty((first.shape[0], H, W, E if cls_weight is None else cls_weight.shape[0]))
