@@ -87,7 +87,7 @@ def test_set_fused_switches_the_same_weights_and_reports_backends(images):
     report = model.backends()
     # upsample_argmax: what predict/eval use on the model's logits (fastseg.inference.segment_labels)
     assert set(report) == {"overlap_patch_embed", "sr_attention", "dwconv3x3_gelu", "decoder_upsample_fuse",
-                           "upsample_argmax", "add_layer_norm"}
+                           "upsample_argmax", "add_layer_norm", "mix_ffn"}
     for choice in report.values():
         # Whatever runs must be named, and a reference fallback must say why.
         assert choice.backend in ("triton", "cuda", "cpp", "torch", "reference")
