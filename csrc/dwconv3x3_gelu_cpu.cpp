@@ -30,7 +30,8 @@
 // k = round(v / ln 2), r = v - k ln 2 (two-part ln 2), exp(r) by its degree-7 Taylor polynomial
 // (relative error < 1e-8 on |r| <= ln2 / 2), 2^k built in the exponent bits; v is clamped to
 // [-80, 88], which keeps every intermediate out of the subnormal range (microcode assists made
-// the whole loop several times slower) and does not change the fp32 result.
+// the whole loop several times slower) and does not change the fp32 result. Non-finite z: NaN
+// stays NaN, GELU(+inf) = +inf and GELU(-inf) = NaN, as F.gelu (exp past 88 is +inf, erfc past 9 is 0).
 #include "dwconv3x3_gelu.h"
 
 #include "dwconv3x3_gelu_rows.h"

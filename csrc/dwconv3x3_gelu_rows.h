@@ -41,8 +41,8 @@ FASTSEG_INLINE void store(float* p, float v) { *p = v; }
 FASTSEG_INLINE void store(bf16_bits* p, float v) { *p = float_to_bf16(v); }
 
 // exp(v) for v in float: see the file comment. Vectorisable (no calls, no branches).
-FASTSEG_INLINE float exp_approx(float v) {
-  v = std::min(std::max(v, -80.0f), 88.0f);  // see the file comment: no subnormal result
+FASTSEG_INLINE float exp_approx(float v_in) {
+  float v = std::min(std::max(v_in, -80.0f), 88.0f);  // see the file comment: no subnormal result
   constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float kf = (v * 1.44269504088896341f + kShift) - kShift;
   const float r = (v - kf * 0.693145751953125f) - kf * 1.428606765330187045e-06f;  // ln 2 = hi + lo
@@ -55,7 +55,8 @@ FASTSEG_INLINE float exp_approx(float v) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const int32_t k = int32_t(kf);
-  return p * bits_to_float(uint32_t(k + 127) << 23);
+  // Past the clamp the true exp overflows: +inf, so GELU(-inf) = -inf / inf is NaN, as in torch.
+  return v_in > 88.0f ? INFINITY : p * bits_to_float(uint32_t(k + 127) << 23);
 }
 
 // 1 / v for v >= 1: Newton's iteration r <- r (2 - v r) from a first guess made on the bits (about
@@ -84,7 +85,9 @@ FASTSEG_INLINE float one_plus_erf(float s) {
   p = p * a + 1.0f;
   const float r = reciprocal(p);
   const float r2 = r * r, r4 = r2 * r2, r8 = r4 * r4;
-  const float q = r8 * r8;  // 1 - erf(a)
+  // 1 - erf(a); exactly 0 past the clamp (erfc(9) < 1e-36), so GELU(-inf) = -inf * 0 is NaN and a
+  // huge negative z gives 0, as torch (not z * q(9)). NaN keeps q NaN (the compare is false).
+  const float q = std::fabs(s) > 9.0f ? 0.0f : r8 * r8;
   return s < 0.0f ? q : 2.0f - q;
 }
 

@@ -109,7 +109,7 @@ def test_packed_weights(dtype, fc2_bias):
     assert rel_err(got, want) <= bar
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_input_propagates_as_in_the_reference(value):
     B, H, W, C = 1, 7, 6, 8
     x = torch.randn(B, H * W, C)
