@@ -101,7 +101,7 @@ def _extension_build():
     sources = ["csrc/bindings.cpp", "csrc/overlap_patch_embed_checks.cpp", "csrc/overlap_patch_embed_cpu.cpp",
                "csrc/upsample_argmax_cpu.cpp", "csrc/add_layer_norm_cpu.cpp",
                "csrc/decoder_head_cpu.cpp", "csrc/dwconv3x3_gelu_cpu.cpp",
-               "csrc/sr_attention_cpu.cpp"]
+               "csrc/sr_attention_cpu.cpp", "csrc/mix_ffn_cpu.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     # no debug info: a faster build and a smaller module; -fopenmp-simd: `#pragma omp simd`
     # reductions (add_layer_norm_cpu.cpp) without the OpenMP runtime

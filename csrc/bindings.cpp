@@ -6,6 +6,8 @@
 //                                        padding, needs_dx, needs_dweight)
 //       -> (dx, dweight, dbias, dln_weight, dln_bias)
 //   fastseg_ext::dwconv3x3_gelu_fwd(x, H, W, weight, bias?, in_bias?, approximate) -> y (B, H*W, C)
+//   fastseg_ext::mix_ffn_fwd(x, H, W, fc1_weight, fc1_bias?, dw_weight, dw_bias?, fc2_weight, fc2_bias?,
+//                            approximate, tile_rows, fp32_gemm, fc1_packed?, fc2_packed?) -> y (B, H*W, Co)
 //   fastseg_ext::add_layer_norm_fwd(x, h, h_bias?, weight, bias, eps, out_dtype?) -> (s, y, mean, rstd)
 //   fastseg_ext::add_layer_norm_fwd_(x, h!, h_bias?, weight, bias, eps, out_dtype?) -> (y, mean, rstd)
 //       (s written into h: a scratch h in inference)
@@ -25,6 +27,7 @@
 #include <Python.h>
 
 #include "dwconv3x3_gelu.h"
+#include "mix_ffn.h"
 #include "add_layer_norm.h"
 #include "overlap_patch_embed.h"
 #include "decoder_head.h"
@@ -62,6 +65,12 @@ TORCH_LIBRARY(fastseg_ext, m) {
   // Autograd and the fake implementation live in fastseg/ops/dwconv3x3_gelu.py.
   m.def("dwconv3x3_gelu_fwd(Tensor x, int H, int W, Tensor weight, Tensor? bias, Tensor? in_bias, "
         "str approximate) -> Tensor");
+  // The whole Mix-FFN, fc1 -> dwconv3x3 + bias + GELU -> fc2, in row tiles; inference forward only
+  // (CPU kernel: mix_ffn_cpu.cpp, float32/bfloat16). fc1_packed / fc2_packed: oneDNN-packed weights
+  // (torch.ops.mkldnn._reorder_linear_weight). Policy and fake implementation: fastseg/ops/mix_ffn.py.
+  m.def("mix_ffn_fwd(Tensor x, int H, int W, Tensor fc1_weight, Tensor? fc1_bias, Tensor dw_weight, "
+        "Tensor? dw_bias, Tensor fc2_weight, Tensor? fc2_bias, str approximate, int tile_rows, bool fp32_gemm, "
+        "Tensor? fc1_packed=None, Tensor? fc2_packed=None) -> Tensor");
   // Fused residual add + bias + LayerNorm (add_layer_norm_cpu.cpp).
   m.def(
       "add_layer_norm_fwd(Tensor x, Tensor h, Tensor? h_bias, Tensor weight, Tensor bias, float eps, "
@@ -85,6 +94,7 @@ TORCH_LIBRARY_IMPL(fastseg_ext, CPU, m) {
   m.impl("upsample_argmax_fwd", &fastseg::upsample_argmax_fwd_cpu);
   m.impl("decoder_head_fwd", &fastseg::decoder_head_fwd_cpu);
   m.impl("dwconv3x3_gelu_fwd", &fastseg::dwconv3x3_gelu_fwd_cpu);
+  m.impl("mix_ffn_fwd", &fastseg::mix_ffn_fwd_cpu);
   m.impl("add_layer_norm_fwd", &fastseg::add_layer_norm_fwd_cpu);
   m.impl("add_layer_norm_fwd_", &fastseg::add_layer_norm_fwd_inplace_cpu);
   m.impl("add_layer_norm_bwd", &fastseg::add_layer_norm_bwd_cpu);
@@ -100,6 +110,7 @@ TORCH_LIBRARY_FRAGMENT(fastseg_ext, m) {
 TORCH_LIBRARY_IMPL(fastseg_ext, MkldnnCPU, m) {
   m.impl("overlap_patch_embed_fwd", &fastseg::overlap_patch_embed_fwd_cpu);
   m.impl("decoder_head_fwd", &fastseg::decoder_head_fwd_cpu);
+  m.impl("mix_ffn_fwd", &fastseg::mix_ffn_fwd_cpu);
 }
 
 // A plain Python module: importing it loads this library, which runs the registrations above.

@@ -1,4 +1,5 @@
-// CPU kernel of the overlapping patch embedding (forward and backward), float32 and float64.
+// CPU kernel of the overlapping patch embedding (forward and backward), float32 and float64;
+// bfloat16 forward (inference) by its own path, bf16_forward below.
 //
 // The conv rows are produced by one of two engines; everything after them is ours and fused:
 //
@@ -43,6 +44,7 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -336,9 +338,48 @@ void layer_norm_backward_rows(const T* y, const T* grad, T* dy, int64_t rows, in
 
 void check_cpu_dtype(const char* where, const at::Tensor& x) {
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, where,
-                   ": the CPU kernel computes in float32 or float64, got ", x.scalar_type(),
-                   "; for bfloat16/float16 on CPU use the 'torch' backend (fastseg.use_backend(\"torch\"))");
+                   ": the CPU kernel computes in float32 or float64 (bfloat16: forward only), got ", x.scalar_type(),
+                   "; for float16 on CPU use the 'torch' backend (fastseg.use_backend(\"torch\"))");
   TORCH_CHECK_VALUE(x.device().is_cpu(), where, ": the CPU kernel got a tensor on ", x.device());
+}
+
+// The bfloat16 forward (inference): im2col in bfloat16 over chunks of tokens, each chunk widened
+// to float32 and multiplied by the float32 weight matrix (aten GEMM: exact products of bf16
+// values with fp32 accumulation, as a bf16 GEMM with fp32 accumulation computes, at the fp32
+// GEMM's speed on every x86 CPU, where aten's own bf16 GEMM without AVX-512 runs at a tenth of
+// it), bias and LayerNorm in float32 on the fp32 conv rows (never rounded to bf16 in between),
+// tokens rounded to bfloat16 once. mean / rstd are float32.
+FwdResult bf16_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& ln_weight, const at::Tensor& ln_bias, const PatchEmbedShape& s, double eps) {
+  const Geometry g = geometry(s, x);
+  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+  const at::Tensor wmat_t = weight_matrix(weight, g).to(at::kFloat).t();  // (K, C) fp32
+  const at::Tensor gamma = ln_weight.to(at::kFloat).contiguous(), beta = ln_bias.to(at::kFloat).contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor bias32 = has_bias ? bias->to(at::kFloat) : at::Tensor();
+  at::Tensor out = at::empty({s.B, s.Ho * s.Wo, s.C}, x.options());
+  at::Tensor mean = at::empty({s.M}, f32), rstd = at::empty({s.M}, f32);
+  const at::Tensor out2d = out.view({s.M, s.C});
+  const int64_t chunk = chunk_rows(s, sizeof(float));
+  at::Tensor cols = at::empty({chunk, s.K}, x.options());
+  at::Tensor cols32 = at::empty({chunk, s.K}, f32);
+  at::Tensor rows32 = at::empty({chunk, s.C}, f32);
+  for (int64_t m0 = 0; m0 < s.M; m0 += chunk) {
+    const int64_t rows = std::min(chunk, s.M - m0);
+    at::Tensor c = cols.narrow(0, 0, rows);
+    im2col<at::BFloat16>(x.const_data_ptr<at::BFloat16>(), g, m0, rows, c.data_ptr<at::BFloat16>());
+    const at::Tensor c32 = cols32.narrow(0, 0, rows).copy_(c);
+    at::Tensor y = rows32.narrow(0, 0, rows);
+    if (has_bias)
+      at::addmm_out(y, bias32, c32, wmat_t);
+    else
+      at::mm_out(y, c32, wmat_t);
+    layer_norm_rows<float>(y.const_data_ptr<float>(), y.data_ptr<float>(), rows, s.C, gamma.const_data_ptr<float>(),
+                           beta.const_data_ptr<float>(), eps, mean.data_ptr<float>() + m0,
+                           rstd.data_ptr<float>() + m0);
+    out2d.narrow(0, m0, rows).copy_(y);
+  }
+  return {out, mean, rstd, at::empty({0}, x.options())};
 }
 
 enum class Engine { kConv, kIm2col };
@@ -419,6 +460,12 @@ FwdResult overlap_patch_embed_fwd_cpu(const at::Tensor& x, const at::Tensor& wei
   // The shape checks read weight's sizes, which a packed weight shares; its dtype and device are
   // checked here (check_patch_embed_inputs compares them to x's).
   const PatchEmbedShape s = check_patch_embed_inputs(where, x, weight, bias, ln_weight, ln_bias, stride, padding);
+  if (x.scalar_type() == at::kBFloat16 && x.device().is_cpu()) {
+    TORCH_CHECK_VALUE(!keep_y, where, ": the bfloat16 CPU kernel is forward-only (keep_y=False); its backward "
+                      "computes in float32/float64");
+    TORCH_CHECK_VALUE(!packed, where, ": packed_weight is float32-only; pass None for bfloat16");
+    return bf16_forward(x, weight, bias, ln_weight, ln_bias, s, eps);
+  }
   check_cpu_dtype(where, x);
   if (packed) check_packed_weight(where, *packed_weight, weight);
   const at::Tensor gamma = ln_weight.contiguous(), beta = ln_bias.contiguous();

@@ -414,8 +414,11 @@ def test_kernel_op_checks_its_arguments():
         (ValueError, "smaller than", lambda: ops.overlap_patch_embed_fwd(torch.randn(1, 3, 1, 1), w, b, g, beta, 4, 0,
                                                                        1e-5, False)),
         (ValueError, "bias", lambda: ops.overlap_patch_embed_fwd(x, w, torch.randn(7), g, beta, 4, 3, 1e-5, False)),
-        (TypeError, "bfloat16", lambda: ops.overlap_patch_embed_fwd(x.bfloat16(), w.bfloat16(), b.bfloat16(),
-                                                                  g.bfloat16(), beta.bfloat16(), 4, 3, 1e-5, False)),
+        (TypeError, "float32 or float64", lambda: ops.overlap_patch_embed_fwd(x.half(), w.half(), b.half(), g.half(),
+                                                                            beta.half(), 4, 3, 1e-5, False)),
+        (ValueError, "forward-only", lambda: ops.overlap_patch_embed_fwd(x.bfloat16(), w.bfloat16(), b.bfloat16(),
+                                                                       g.bfloat16(), beta.bfloat16(), 4, 3, 1e-5,
+                                                                       True)),
         (TypeError, "cast", lambda: ops.overlap_patch_embed_fwd(x, w.double(), b, g, beta, 4, 3, 1e-5, False)),
         (ValueError, "grad_out", lambda: ops.overlap_patch_embed_bwd(torch.randn(2, 5, 32), x, w, b, g,
                                                                     torch.zeros(32), torch.ones(32), None, 4, 3,
@@ -434,15 +437,51 @@ def test_kernel_op_checks_its_arguments():
 
 
 @needs_ext
-def test_cpp_refuses_low_precision_on_cpu():
-    w, b, g, beta = [t.bfloat16() for t in params()]
-    x = torch.randn(1, 3, 16, 16, dtype=torch.bfloat16)
+def test_cpp_refuses_fp16_and_bf16_gradients_on_cpu():
+    w, b, g, beta = [t.half() for t in params()]
+    x = torch.randn(1, 3, 16, 16, dtype=torch.half)
     with use_backend("cpp"), pytest.raises(BackendUnavailable, match="float32/float64"):
         overlap_patch_embed(x, w, b, 4, g, beta, 1e-5)
     # automatic choice: the torch backend
     assert choose("overlap_patch_embed", device=x.device, dtype=x.dtype).backend == "torch"
     out, _, _ = overlap_patch_embed(x, w, b, 4, g, beta, 1e-5)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert out.dtype == torch.half and torch.isfinite(out).all()
+    # bf16: the cpp kernel is forward-only, so training in bf16 takes the torch backend
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    assert choose("overlap_patch_embed", device=cpu, dtype=bf16).backend == "cpp"
+    choice = choose("overlap_patch_embed", device=cpu, dtype=bf16, needs_grad=True)
+    assert choice.backend == "torch" and "gradient" in " ".join(choice.skipped["cpp"])
+    w, b, g, beta = [t.bfloat16().requires_grad_(True) for t in params()]
+    out, _, _ = overlap_patch_embed(x.bfloat16(), w, b, 4, g, beta, 1e-5)
+    out.float().sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("cfg", CONFIGS, ids=ids)
+def test_cpp_bf16_forward_within_twice_eager_bf16(cfg):
+    """bf16 inference on the C++ kernel (both kernel configs, odd sizes) against the fp32 gold,
+    within twice the error of eager bf16, with outputs poisoned (NaN-filled allocations)."""
+    (x, weight, bias, ln_weight, ln_bias, _), meta = make_case(cfg)
+    args = (meta["stride"],)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # every torch.empty / at::empty is NaN
+    try:
+        with torch.no_grad():
+            want = overlap_patch_embed_reference(x.double(), weight.double(), bias.double(), *args,
+                                                 ln_weight.double(), ln_bias.double(), meta["eps"], meta["hw"])[0]
+            low = [t.bfloat16() for t in (x, weight, bias, ln_weight, ln_bias)]
+            eager = overlap_patch_embed_reference(low[0], low[1], low[2], *args, low[3], low[4], meta["eps"],
+                                                  meta["hw"])[0]
+            with use_backend("cpp"):
+                got, Ho, Wo = overlap_patch_embed(low[0], low[1], low[2], *args, low[3], low[4], meta["eps"],
+                                                  meta["hw"])
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert (Ho, Wo) == meta["out_hw"] and got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert torch.isfinite(got).all()
+    err, eager_err = [((t.double() - want).abs().max() / want.abs().max()).item() for t in (got, eager)]
+    assert err <= 2 * eager_err, f"cpp bf16 {err:.2e} vs eager bf16 {eager_err:.2e}"
 
 
 def test_autocast_goes_to_the_torch_backend():

@@ -88,7 +88,7 @@ def test_set_fused_switches_the_same_weights_and_reports_backends(images):
     # upsample_argmax: what predict/eval use on the model's logits (fastseg.inference.segment_labels)
     # linear: every linear of the fused path (fastseg.ops.packed_linear), oneDNN or aten
     assert set(report) == {"overlap_patch_embed", "sr_attention", "dwconv3x3_gelu", "decoder_upsample_fuse",
-                           "upsample_argmax", "add_layer_norm", "linear"}
+                           "upsample_argmax", "add_layer_norm", "linear", "mix_ffn"}
     for choice in report.values():
         # Whatever runs must be named, and a reference fallback must say why.
         assert choice.backend in ("triton", "cuda", "cpp", "torch", "reference", "onednn", "aten")

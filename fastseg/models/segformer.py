@@ -134,12 +134,20 @@ class MixFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         if self.fused:
-            return packed_linear(self.hidden(x, H, W), self.fc2.weight, self.fc2.bias)
+            return self.fused_forward(x, H, W, self.fc2.bias)
         return self.fc2(self.hidden(x, H, W))
 
     def forward_pre_bias(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """``forward`` without fc2's bias (the fused Block adds it in ``add_layer_norm``): (B, N, C)."""
-        return packed_linear(self.hidden(x, H, W), self.fc2.weight)
+        if self.fused:
+            return self.fused_forward(x, H, W, None)
+        return F.linear(self.hidden(x, H, W), self.fc2.weight)
+
+    def fused_forward(self, x: torch.Tensor, H: int, W: int, fc2_bias: torch.Tensor | None) -> torch.Tensor:
+        """``ops.mix_ffn``: on CPU inference the C++ kernel in row tiles (the 4C hidden tensor stays in
+        L2), elsewhere fc1 → ``ops.dwconv3x3_gelu`` → fc2 as :meth:`hidden` does."""
+        return ops.mix_ffn(x, H, W, self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias,
+                           self.fc2.weight, fc2_bias)
 
 
 class Block(nn.Module):

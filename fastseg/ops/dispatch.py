@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 FUSED_OPS = ("overlap_patch_embed", "sr_attention", "dwconv3x3_gelu", "decoder_upsample_fuse",
-             "upsample_argmax", "add_layer_norm")
+             "upsample_argmax", "add_layer_norm", "mix_ffn")
 BACKEND_NAMES = ("triton", "cuda", "cpp", "torch", "reference")
 REFERENCE = "reference"
 

@@ -19,10 +19,12 @@ Backends (chosen by :mod:`fastseg.ops.dispatch`):
   engine where oneDNN is missing. Inference (no gradient needed, fp32) passes the weight
   pre-packed in oneDNN's blocked layout, cached per weight version (:func:`packed_cpu_weight`),
   so the conv skips its per-call weight reorder. Backward: fused LayerNorm backward, oneDNN conv
-  gradients. fp32 and fp64.
+  gradients. fp32 and fp64; bf16 forward (inference: refused when a gradient is needed): im2col
+  in bf16, the GEMM on fp32-widened chunks (bf16 products, fp32 accumulation), bias and
+  LayerNorm in fp32, tokens rounded to bf16 once.
 - ``torch``: stock ops without layout copies: conv on the channels-last (token) view, whose
   output flattens to tokens as a view, then ``F.layer_norm``. The fallback when the extension is
-  not built, and the choice for bf16/fp16 on CPU.
+  not built, the choice for fp16 on CPU and for bf16 training.
 - reference: the official NVlabs code, op for op.
 
 The extension's ops are ``torch.ops.fastseg_ext.overlap_patch_embed_fwd`` / ``_bwd``, defined in
@@ -45,7 +47,8 @@ from fastseg.ops import dispatch
 from fastseg.ops.conv import conv2d
 
 OP = "overlap_patch_embed"
-CPP_DTYPES = (torch.float32, torch.float64)
+CPP_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+CPP_BACKWARD_DTYPES = (torch.float32, torch.float64)  # bfloat16 is forward-only (inference)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CUDA_MAX_CHANNELS = 1024  # one CUDA program holds whole rows of C for the LayerNorm epilogue
 
@@ -303,14 +306,17 @@ def _autocast_reasons(autocast: bool) -> list[str]:
     return ["autocast is on (the torch backend follows its casting rules)"] if autocast else []
 
 
-def _cpp_reasons(device: torch.device, dtype: torch.dtype, autocast: bool = False, **_) -> list[str]:
+def _cpp_reasons(device: torch.device, dtype: torch.dtype, autocast: bool = False, needs_grad: bool = False,
+                 **_) -> list[str]:
     reasons = _extension_reasons()
     if reasons:
         return reasons
     if device.type != "cpu":
         reasons.append(f"device type {device.type!r} (the C++ kernel takes CPU tensors)")
     if dtype not in CPP_DTYPES:
-        reasons.append(f"dtype {dtype} (the C++ kernel computes in float32/float64)")
+        reasons.append(f"dtype {dtype} (the C++ kernel computes in float32/float64, bfloat16 forward-only)")
+    elif needs_grad and dtype not in CPP_BACKWARD_DTYPES:
+        reasons.append(f"a gradient is needed in {dtype} (the C++ backward computes in float32/float64)")
     return reasons + _autocast_reasons(autocast)
 
 
@@ -376,6 +382,9 @@ def overlap_patch_embed(x, weight, bias, stride: int, ln_weight, ln_bias, eps: f
     """
     autocast = _autocast_on(x.device)
     check_inputs(x, weight, bias, stride, ln_weight, ln_bias, hw, mixed_dtypes=autocast)
-    choice = dispatch.choose(OP, device=x.device, dtype=x.dtype, out_channels=weight.shape[0], autocast=autocast)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, ln_weight, ln_bias))
+    choice = dispatch.choose(OP, device=x.device, dtype=x.dtype, out_channels=weight.shape[0], autocast=autocast,
+                             needs_grad=needs_grad)
     _warn_if_extension_missing(choice)
     return dispatch.implementation(OP, choice.backend)(x, weight, bias, stride, ln_weight, ln_bias, eps, hw)
