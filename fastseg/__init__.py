@@ -1,6 +1,6 @@
 """fastseg: fused kernels for transformer semantic segmentation (SegFormer, SETR)."""
 from fastseg.models import SETR, SegFormer, SegFormerConfig, SETRConfig
-from fastseg.export import export_onnx
+from fastseg.deploy import export_onnx
 from fastseg.ops.dispatch import BackendUnavailable, use_backend
 from fastseg.version import __version__
 from fastseg.tune import tune  # the function; its module stays importable as fastseg.tune

@@ -93,11 +93,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("predict", help="colourised masks (and overlays) for images")
     evaluate.add_predict_arguments(p)
     p.set_defaults(func=evaluate.predict_main)
-    from fastseg import export
+    from fastseg.deploy import cli as deploy_cli
 
     p = sub.add_parser("export", help="ONNX (ONNX Runtime / OpenVINO / TensorRT) or torch.export file of the fast graph")
-    export.add_arguments(p)
-    p.set_defaults(func=export.main)
+    deploy_cli.add_arguments(p)
+    p.set_defaults(func=deploy_cli.main)
     args = parser.parse_args(argv)
     args.argv = argv[1:]
     return args.func(args)
