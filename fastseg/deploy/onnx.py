@@ -205,3 +205,27 @@ def check_parity(model, path, *, sizes, batch: int = 1, runtimes=("onnxruntime",
     finally:
         model.train(was_training)
     return results
+
+
+OP_CLASSES = ("Conv", "MatMul", "Gemm", "LayerNormalization", "Softmax", "Erf", "Resize")
+_ONNX_TYPES = {1: "f32", 10: "f16", 16: "bf16", 11: "f64"}
+
+
+def onnx_precisions(path) -> dict[str, dict[str, int]]:
+    """{op type: {precision: count}} for the op classes that matter: a node fed by
+    DequantizeLinear runs int8 (QDQ), else its first input's element type."""
+    import onnx
+
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(proto.graph.value_info) + list(proto.graph.input) + list(proto.graph.output)}
+    types.update({t.name: t.data_type for t in proto.graph.initializer})
+    dq = {o for n in proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    out: dict[str, dict[str, int]] = {}
+    for n in proto.graph.node:
+        if n.op_type not in OP_CLASSES:
+            continue
+        prec = "int8" if n.input and n.input[0] in dq else _ONNX_TYPES.get(types.get(n.input[0]), "?")
+        out.setdefault(n.op_type, {}).setdefault(prec, 0)
+        out[n.op_type][prec] += 1
+    return out
