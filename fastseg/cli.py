@@ -1,4 +1,4 @@
-"""Command line: ``fastseg bench | info | convert | train | eval | predict``."""
+"""Command line: ``fastseg bench | info | convert | train | eval | predict | export | deploy``."""
 from __future__ import annotations
 
 import argparse
@@ -98,6 +98,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("export", help="ONNX (ONNX Runtime / OpenVINO / TensorRT) or torch.export file of the fast graph")
     deploy_cli.add_arguments(p)
     p.set_defaults(func=deploy_cli.main)
+    p = sub.add_parser("deploy", help="an engine folder on the fastest runtime here (torch / OpenVINO / ONNX Runtime) "
+                                      "at fp32 / bf16 / fp16 / calibrated int8, with its report")
+    deploy_cli.add_deploy_arguments(p)
+    p.set_defaults(func=deploy_cli.deploy_main)
     args = parser.parse_args(argv)
     args.argv = argv[1:]
     return args.func(args)

@@ -58,3 +58,44 @@ def main(args) -> int:
         return 2
     say(report.summary())
     return 0
+
+
+# --- fastseg deploy --------------------------------------------------------------------------------
+
+def add_deploy_arguments(p) -> None:
+    from fastseg.deploy.runtimes import PRECISIONS, RUNTIMES
+
+    p.add_argument("source", metavar="SOURCE", help="a checkpoint file, an HF model folder or a fastseg folder")
+    p.add_argument("--out", required=True, help="the engine folder to write (fastseg.load_engine / --engine reads it)")
+    p.add_argument("--runtime", choices=("auto",) + RUNTIMES, default="auto",
+                   help="auto (default: the fastest installed runtime here, measured once), torch, openvino, onnxruntime")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 (default), bf16, fp16, int8")
+    p.add_argument("--calibrate", metavar="DIR", default=None,
+                   help="a folder of images for int8 calibration (at most --calibration-images of them)")
+    p.add_argument("--calibration-images", type=int, default=None, help="calibration images to use (default 300)")
+    p.add_argument("--input-size", metavar="HxW", default=None,
+                   help="the input size the engine will mostly see (auto timing; calibration images are resized to it)")
+    p.add_argument("--model", default=None, help="segformer[-bX] or setr[-naive|pup|mla]: skip detection")
+    p.add_argument("--cache-dir", default=None, help="engine cache (default ~/.cache/fastseg/engines)")
+
+
+def deploy_main(args) -> int:
+    import sys
+
+    from fastseg.deploy.engine import deploy
+
+    try:
+        if args.precision == "int8" and not args.calibrate:
+            raise ExportError("--precision int8 needs --calibrate DIR (a folder of images like the ones to segment)")
+        print(f"loading {args.source}", flush=True)
+        model = load_source(args.source, args.model)
+        engine = deploy(model, args.runtime, args.precision, calibration=args.calibrate, input_size=args.input_size,
+                        cache_dir=args.cache_dir, max_calibration_images=args.calibration_images,
+                        progress=lambda t: print(t, flush=True))
+        engine.save(args.out)
+    except (ExportError, FileNotFoundError) as e:
+        print(f"fastseg deploy: error: {e}", file=sys.stderr)
+        return 2
+    print(engine.report.summary())
+    print(f"wrote engine folder {args.out}")
+    return 0

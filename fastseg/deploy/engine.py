@@ -110,6 +110,10 @@ class Engine:
         logits = self(images)
         return upsample_argmax(logits, tuple(images.shape[2:]) if size is None else size)
 
+    def as_module(self) -> "EngineModule":
+        """This engine where code expects a model (``fastseg predict`` / ``eval``)."""
+        return EngineModule(self)
+
     def save(self, path) -> Path:
         """Copy the engine folder to ``path`` atomically; ``fastseg.load_engine(path)`` reads it."""
         dest = Path(path)
@@ -430,3 +434,16 @@ def _read_meta(folder: Path) -> dict:
 def load_engine(path, *, compile: bool = False) -> Engine:
     """The engine saved in folder ``path`` (by ``engine.save`` or ``fastseg deploy --out``)."""
     return _open(Path(path), compile=compile)
+
+
+class EngineModule(torch.nn.Module):
+    """An engine where code expects a model: ``module(images)`` → logits; no parameters."""
+
+    def __init__(self, engine: Engine):
+        super().__init__()
+        self.engine = engine
+        self.num_classes = engine.num_classes
+        self.engine_report = dict(engine.report)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.engine(images.float())
