@@ -106,10 +106,23 @@ def test_low_precision_within_twice_eager(model, runtime, precision, tmp_path, m
 # --- INT8 on a trained model -------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def trained():
-    from deploy_fixture import images, train_b0
+def trained(request):
+    """The trained b0 (kept in pytest's cache, so a rerun does not train again), 48 calibration
+    images and 24 held-out test images with their labels."""
+    from deploy_fixture import SIZE, images, train_b0
 
-    model = train_b0()
+    path = request.config.cache.mkdir("fastseg_deploy") / f"b0_synthetic_{SIZE}_{torch.__version__}.pt"
+    model = None
+    if path.exists():
+        model = SegFormer("b0", num_classes=4)
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True))
+        except (RuntimeError, OSError, ValueError):
+            model = None
+    if model is None:
+        model = train_b0()
+        torch.save(model.state_dict(), path)
+    model.eval()
     calib = images("val", 48)[0]
     test_x, test_y = images("test", 24)
     return model, calib, test_x, test_y
@@ -260,7 +273,7 @@ def test_unreadable_calibration_images_are_skipped_and_named(tmp_path):
     assert [p for p, _ in skipped] == [str(folder / "broken.jpg")]
     for f in folder.glob("ok*"):
         f.unlink()
-    with pytest.raises(ExportError, match="none of its 1 image.*broken.jpg"):
+    with pytest.raises(ExportError, match="none of its 1 image.*broken.jpg"), pytest.warns(UserWarning):
         calibration.load(folder, 3)
 
 

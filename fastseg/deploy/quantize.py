@@ -14,6 +14,8 @@ embedding, and the classifier, named from the ONNX tensor names (``/stages.0/blo
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from pathlib import Path
 
@@ -200,10 +202,22 @@ def _onnx_groups(proto) -> dict:
         if n.op_type not in QUANTIZED_TYPES:
             continue
         feeds = [m for m in proto.graph.node if set(n.output) & set(m.input)]
-        classifier = n.output[0].startswith("/decoder/") and (
-            n.output[0] in outputs or any(set(m.output) & outputs for m in feeds))
+        # the classifier: the conv whose output (or its bias Add's) is the graph's output
+        classifier = n.output[0] in outputs or any(set(m.output) & outputs for m in feeds)
         groups[n.name] = group_of(n.output[0], classifier) or "other"
     return groups
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """quantize_static logs advice ("consider pre-processing") on the root logger at every call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _onnxruntime(onnx_path, folder, calib_set, judge, gold_labels, goal, progress) -> dict:
@@ -230,10 +244,11 @@ def _onnxruntime(onnx_path, folder, calib_set, judge, gold_labels, goal, progres
 
     def build(float_groups):
         exclude = fixed + [n for n, g in groups.items() if g in float_groups]
-        quantize_static(str(onnx_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["Conv", "MatMul"], nodes_to_exclude=exclude,
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        with _quiet_root_logger():
+                quantize_static(str(onnx_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=["Conv", "MatMul"], nodes_to_exclude=exclude,
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
         return runtimes.ort_session(out, threads)
 
     # the search's last build is its answer: model.int8.onnx holds the chosen float groups
