@@ -196,7 +196,8 @@ def _file_sizes(folder: Path) -> dict:
             if p.is_file() and p.name != cache.MARKER}
 
 
-def _build(model, runtime: str, precision: str, folder: Path, *, batches, skipped, input_size, progress) -> dict:
+def _build(model, runtime: str, precision: str, folder: Path, *, batches, skipped, input_size, progress,
+           int8_goal=None) -> dict:
     """Write the artifact of (runtime, precision) into ``folder``; returns the report's body."""
     from fastseg.deploy.onnx import export_onnx
 
@@ -214,7 +215,9 @@ def _build(model, runtime: str, precision: str, folder: Path, *, batches, skippe
             from fastseg.deploy import quantize
 
             _say(progress, f"quantizing to int8 for {runtime} ({sum(b.shape[0] for b in batches)} calibration images)")
-            report["quantization"] = quantize.quantize(model, onnx_path, folder, runtime, batches, progress=progress)
+            goal = quantize.GOAL if int8_goal is None else float(int8_goal)
+            report["quantization"] = quantize.quantize(model, onnx_path, folder, runtime, batches, goal=goal,
+                                                       progress=progress)
             report["quantization"]["skipped"] = skipped
         elif runtime == "openvino":
             ov = runtimes.import_runtime("openvino")
@@ -296,7 +299,7 @@ def _say(progress, text: str) -> None:
 
 def deploy(model_or_source, runtime: str = "auto", precision: str = "fp32", *, calibration=None,
            input_size=None, cache_dir=None, compile: bool = False, max_calibration_images: int | None = None,
-           progress=None) -> Engine:
+           int8_goal: float | None = None, progress=None) -> Engine:
     """An :class:`Engine` of ``model_or_source`` (a fastseg SegFormer/SETR, or a path
     :func:`fastseg.deploy.source.load_source` reads) on ``runtime`` at ``precision``.
 
@@ -306,7 +309,8 @@ def deploy(model_or_source, runtime: str = "auto", precision: str = "fp32", *, c
     or an iterable of input batches (B, C, H, W)). input_size: (H, W) the engine will mostly see
     (auto timing, OpenVINO's report, calibration resize). cache_dir: where built engines are kept
     (default ``~/.cache/fastseg/engines``); a second deploy of the same weights loads from it.
-    compile: ``torch.compile`` the torch runtime's model.
+    compile: ``torch.compile`` the torch runtime's model. int8_goal: the pixel agreement with fp32
+    the INT8 search keeps groups in float for (default 0.995; 0 quantizes every candidate group).
     """
     from fastseg.deploy import calibration as calib
     from fastseg.deploy.common import _parse_size
@@ -333,7 +337,8 @@ def deploy(model_or_source, runtime: str = "auto", precision: str = "fp32", *, c
     def get(rt: str) -> Engine:
         versions = _versions(rt)
         key = cache.digest(SCHEMA, whash, rt, precision, versions, calib_key,
-                           list(input_size) if (input_size and precision == "int8") else None)
+                           list(input_size) if (input_size and precision == "int8") else None,
+                           int8_goal if precision == "int8" else None)
         folder = cache.entry_path(root, rt, precision, key)
         if cache.is_complete(folder, key):
             _say(progress, f"cache hit: {folder}")
@@ -346,7 +351,7 @@ def deploy(model_or_source, runtime: str = "auto", precision: str = "fp32", *, c
         start = time.perf_counter()
         with cache.atomic_folder(folder) as tmp:
             body = _build(model, rt, precision, tmp, batches=batches, skipped=skipped, input_size=input_size,
-                          progress=progress)
+                          int8_goal=int8_goal, progress=progress)
             meta = {"schema": SCHEMA, "cache_key": key, "runtime": rt, "precision": precision,
                     "kind": model_class(model), "model": _describe(model), "num_classes": model.num_classes,
                     "in_channels": model.config.in_channels, "weights_sha256": whash, "versions": versions}
