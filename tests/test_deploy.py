@@ -297,5 +297,10 @@ def test_cli_deploy_then_predict_with_the_engine(model, tmp_path, monkeypatch, c
                  "--quiet", "--workers", "0", "--save-labels"]) == 0
     labels = np.array(Image.open(tmp_path / "masks" / "img_labels.png"))
     assert labels.shape == (70, 90)
+    capsys.readouterr()
+    assert main(["eval", "--engine", str(tmp_path / "eng"), "--dataset", "synthetic", "--num-classes", "5",
+                 "--synthetic-images", "2", "--workers", "0", "--quiet", "--out", str(tmp_path / "e.json")]) == 0
+    record = json.loads((tmp_path / "e.json").read_text())
+    assert record["images"] == 2 and record["engine"]["runtime"] == "torch"
     assert main(["deploy", str(tmp_path / "ckpt"), "--precision", "int8", "--out", str(tmp_path / "x")]) == 2
     assert "needs --calibrate" in capsys.readouterr().err
