@@ -212,8 +212,9 @@ _ONNX_TYPES = {1: "f32", 10: "f16", 16: "bf16", 11: "f64"}
 
 
 def onnx_precisions(path) -> dict[str, dict[str, int]]:
-    """{op type: {precision: count}} for the op classes that matter: a Conv / MatMul fed by
-    DequantizeLinear runs int8 (QDQ), else an op computes in its first input's element type."""
+    """{op type: {precision: count}} for the op classes that matter: a Conv / MatMul whose two
+    operands come from DequantizeLinear runs int8 (QDQ), else an op computes in its first
+    input's element type."""
     import onnx
 
     proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
@@ -225,7 +226,8 @@ def onnx_precisions(path) -> dict[str, dict[str, int]]:
     for n in proto.graph.node:
         if n.op_type not in OP_CLASSES:
             continue
-        if n.op_type in ("Conv", "MatMul", "Gemm") and n.input and n.input[0] in dq:
+        # int8 compute needs both operands quantized; an excluded node fed by a shared DQ runs f32
+        if n.op_type in ("Conv", "MatMul", "Gemm") and n.input[0] in dq and n.input[1] in dq:
             prec = "int8"
         else:
             prec = "f32" if n.input[0] in dq else _ONNX_TYPES.get(types.get(n.input[0]), "?")
