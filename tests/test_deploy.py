@@ -8,7 +8,6 @@ of held-out pixels and lose <= 0.3 mIoU.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 
@@ -25,7 +24,6 @@ from fastseg.deploy import cache, engine as engine_mod, runtimes  # noqa: E402
 from fastseg.deploy.common import ExportError, relative_error  # noqa: E402
 from fastseg.deploy.runtimes import PrecisionUnsupported, RuntimeUnavailable  # noqa: E402
 
-DEPLOY = importlib.import_module("fastseg.deploy")  # the package (fastseg.deploy is the function)
 CPU = torch.device("cpu")
 SIZES = [(64, 80), (97, 61)]
 TOL = 1e-4
