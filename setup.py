@@ -28,7 +28,7 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["fastseg", "fastseg.checkpoints", "fastseg.data", "fastseg.models", "fastseg.ops", "fastseg.kernels"]
+PACKAGES = ["fastseg", "fastseg.checkpoints", "fastseg.data", "fastseg.deploy", "fastseg.models", "fastseg.ops", "fastseg.kernels"]
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 

@@ -25,7 +25,8 @@ pytest.importorskip("onnxruntime")
 transformers = pytest.importorskip("transformers")
 
 from fastseg import SegFormer, export_onnx, peers  # noqa: E402
-from fastseg import export as ex  # noqa: E402
+from fastseg.deploy.common import relative_error  # noqa: E402
+from fastseg.deploy.runtimes import onnx_session  # noqa: E402
 from fastseg.models.config import SegFormerConfig  # noqa: E402
 
 try:
@@ -62,9 +63,9 @@ def test_onnx_hf_vs_fastseg(benchmark, tmp_path_factory, case, runtime):
     variant, size = case
     paths = files(variant, size, tmp_path_factory.getbasetemp())
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(3)).numpy()
-    runs = {name: ex.onnx_session(path, runtime) for name, path in paths.items()}
+    runs = {name: onnx_session(path, runtime) for name, path in paths.items()}
     outs = {name: run(x) for name, run in runs.items()}  # also the warm-up
-    err = ex.relative_error(outs["fastseg"], outs["hf"])
+    err = relative_error(outs["fastseg"], outs["hf"])
     assert err < 1e-4, f"fastseg's ONNX and HF's disagree in {runtime}: max relative error {err:.2e}"
     times = {name: [] for name in runs}
     for r in range(ROUNDS):  # interleaved, alternating which goes first

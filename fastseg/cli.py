@@ -1,4 +1,4 @@
-"""Command line: ``fastseg bench | info | convert | train | eval | predict | export``.
+"""Command line: ``fastseg bench | info | convert | train | eval | predict | export | deploy``.
 
 Every subcommand reports an expected failure (bad input, missing or unreadable file, full disk…)
 as one line on stderr and exits 1 (see :mod:`fastseg.errors`); ``FASTSEG_DEBUG=1`` adds the traceback.
@@ -99,11 +99,15 @@ def main(argv=None) -> int:
     p = sub.add_parser("predict", help="colourised masks (and overlays) for images")
     evaluate.add_predict_arguments(p)
     p.set_defaults(func=evaluate.predict_main)
-    from fastseg import export
+    from fastseg.deploy import cli as deploy_cli
 
     p = sub.add_parser("export", help="ONNX (ONNX Runtime / OpenVINO / TensorRT) or torch.export file of the fast graph")
-    export.add_arguments(p)
-    p.set_defaults(func=export.main)
+    deploy_cli.add_arguments(p)
+    p.set_defaults(func=deploy_cli.main)
+    p = sub.add_parser("deploy", help="an engine folder on the fastest runtime here (torch / OpenVINO / ONNX Runtime) "
+                                      "at fp32 / bf16 / fp16 / calibrated int8, with its report")
+    deploy_cli.add_deploy_arguments(p)
+    p.set_defaults(func=deploy_cli.deploy_main)
     args = parser.parse_args(argv)
     args.argv = argv[1:]
     from fastseg.errors import run_command

@@ -207,9 +207,9 @@ def evaluate_model(model, dataset, *, mode="whole", crop=None, stride=None, scal
 # --- eval ----------------------------------------------------------------------------------------------
 
 def add_eval_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True,
+    p.add_argument("--checkpoint", default=None,
                    help="a fastseg train checkpoint (.pth), a save_pretrained folder, or any checkpoint "
-                        "SegFormer.from_pretrained reads")
+                        "SegFormer.from_pretrained reads (or --engine DIR)")
     p.add_argument("--model", default=None, help="setr-… to load a SETR checkpoint (SegFormer is auto-detected)")
     add_dataset_arguments(p, default_dataset=None)
     p.add_argument("--split", default="val", help="dataset split (default val)")
@@ -218,6 +218,7 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--out", default=None, help="JSON file for the results (default: <checkpoint>.eval.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_engine_arguments(p)
 
 
 def _init_distributed_from_env(device_name: str) -> tuple[int, int, int]:
@@ -238,13 +239,12 @@ def _init_distributed_from_env(device_name: str) -> tuple[int, int, int]:
 def eval_main(args) -> int:
     import torch.distributed as dist
 
-    from fastseg.inference import load_model
     from fastseg.metrics import format_table
 
     rank, world, local_rank = _init_distributed_from_env(args.device)
     try:
         device = pick_device(args.device, local_rank)
-        model, info = load_model(args.checkpoint, model_name=args.model, num_classes=None)
+        model, info = model_from_args(args)
         dataset_name = args.dataset or info.get("dataset")
         if dataset_name is None:
             raise ValueError("--dataset is needed (the checkpoint does not record its dataset)")
@@ -269,13 +269,14 @@ def eval_main(args) -> int:
             record = {
                 "schema": "fastseg-eval/1",
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "checkpoint": str(args.checkpoint), "dataset": dataset_name, "split": args.split,
+                "checkpoint": str(args.checkpoint or args.engine), "dataset": dataset_name, "split": args.split,
+                "engine": getattr(model, "engine_report", None),
                 "settings": {**settings, "amp": args.amp, "fused": args.fused, "world_size": world},
                 "aAcc": result["aAcc"], "mIoU": result["mIoU"], "mAcc": result["mAcc"],
                 "images": result["images"], "pixels": result["pixels"],
                 "per_class": {n: {"IoU": i, "Acc": a} for n, i, a in zip(names, result["IoU"], result["Acc"])},
             }
-            out = Path(args.out) if args.out else Path(str(args.checkpoint).rstrip("/") + ".eval.json")
+            out = Path(args.out) if args.out else Path(str(args.checkpoint or args.engine).rstrip("/") + ".eval.json")
             write_json(record, out)
             print(f"wrote {out}")
     finally:
@@ -304,11 +305,51 @@ def write_json(record: dict, path: Path) -> None:
         f.write("\n")
 
 
+# --- deployed engines (fastseg deploy) instead of the PyTorch model -------------------------------------
+
+def add_engine_arguments(p) -> None:
+    from fastseg.deploy.runtimes import PRECISIONS, RUNTIMES
+
+    g = p.add_argument_group("engine (fastseg deploy) instead of the PyTorch model")
+    g.add_argument("--engine", metavar="DIR", default=None, help="an engine folder written by fastseg deploy --out")
+    g.add_argument("--runtime", choices=("auto",) + RUNTIMES, default=None,
+                   help="deploy --checkpoint on this runtime first (cached: later runs load the engine)")
+    g.add_argument("--precision", choices=PRECISIONS, default=None, help="the engine's precision (with --runtime)")
+    g.add_argument("--calibrate", metavar="DIR", default=None, help="calibration images for --precision int8")
+
+
+def model_from_args(args):
+    """(model, info): ``--engine DIR`` or ``--runtime/--precision`` give a deployed engine (as a
+    module that returns logits); otherwise the PyTorch model of ``--checkpoint``."""
+    from fastseg.inference import load_model
+
+    engine_dir = getattr(args, "engine", None)
+    runtime, precision = getattr(args, "runtime", None), getattr(args, "precision", None)
+    if engine_dir is not None and args.checkpoint is not None:
+        raise ValueError("give --checkpoint or --engine DIR, not both")
+    if engine_dir is None and args.checkpoint is None:
+        raise ValueError("--checkpoint is needed (or --engine DIR)")
+    if engine_dir is None and runtime is None and precision is None:
+        return load_model(args.checkpoint, model_name=args.model, num_classes=None)
+    if getattr(args, "fused", False):
+        raise ValueError("--fused applies to the PyTorch model; an engine runs its own graph")
+    import fastseg
+
+    if engine_dir is not None:
+        if runtime is not None or precision is not None:
+            raise ValueError("--runtime/--precision deploy a --checkpoint; an --engine folder already has both")
+        engine, info = fastseg.load_engine(engine_dir), {}
+    else:
+        model, info = load_model(args.checkpoint, model_name=args.model, num_classes=None)
+        engine = fastseg.deploy(model, runtime or "auto", precision or "fp32", calibration=args.calibrate)
+    return engine.as_module(), info
+
+
 # --- predict -------------------------------------------------------------------------------------------
 
 def add_predict_arguments(p) -> None:
     p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
-    p.add_argument("--checkpoint", required=True, help="as for eval")
+    p.add_argument("--checkpoint", default=None, help="as for eval (or --engine DIR)")
     p.add_argument("--model", default=None, help="setr-… to load a SETR checkpoint")
     p.add_argument("--out", default="predictions", help="output folder")
     p.add_argument("--palette", default="auto",
@@ -325,6 +366,7 @@ def add_predict_arguments(p) -> None:
                    help="use this dataset's test scale and mode defaults")
     add_inference_arguments(p)
     p.add_argument("--quiet", action="store_true")
+    add_engine_arguments(p)
 
 
 def collect_images(inputs) -> list[Path]:
@@ -393,7 +435,7 @@ def predict_main(args) -> int:
 
     from fastseg.data import TestTransform, colorize, generated_palette, overlay, palette_for
     from fastseg.data.palettes import PALETTES
-    from fastseg.inference import load_model, segment_labels
+    from fastseg.inference import segment_labels
 
     if args.overlay is not None and not 0.0 <= args.overlay <= 1.0:
         raise ValueError(f"--overlay must be in [0, 1], got {args.overlay}")
@@ -402,7 +444,7 @@ def predict_main(args) -> int:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     files = collect_images(args.inputs)
     device = pick_device(args.device)
-    model, info = load_model(args.checkpoint, model_name=args.model)
+    model, info = model_from_args(args)
     if hasattr(model, "set_fused"):
         model.set_fused(args.fused)
     model.to(device).eval()

@@ -84,10 +84,10 @@ def export_hf_onnx(hf, path: Path, example: torch.Tensor) -> Path:
 
 
 def _session(path: Path, runtime: str, dtype: torch.dtype, shape: tuple[int, ...]):
-    from fastseg import export as ex
+    from fastseg.deploy.runtimes import onnx_session
 
     if runtime == "onnxruntime":
-        return ex.onnx_session(path, "onnxruntime")
+        return onnx_session(path, "onnxruntime")
     import openvino as ov
 
     core = ov.Core()

@@ -317,7 +317,7 @@ def test_onnx_export_honours_the_umask(tmp_path):
     """0600 from mkstemp used to survive the rename (the umask fixture's other case costs a second export)."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
-    from fastseg.export import export_onnx
+    from fastseg import export_onnx
 
     old = os.umask(0o022)
     try:

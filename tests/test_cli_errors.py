@@ -118,7 +118,7 @@ def test_export_opset_outside_the_supported_range_fails_at_once(saved, tmp_path)
     import onnx.defs
 
     from fastseg import export_onnx
-    from fastseg.export import ExportError
+    from fastseg.deploy.common import ExportError
 
     newest = onnx.defs.onnx_opset_version()
     r = fastseg("export", saved, "--out", tmp_path / "m.onnx", "--opset", newest + 1)

@@ -1,4 +1,4 @@
-"""ONNX / torch.export deployment export (fastseg.export, `fastseg export`).
+"""ONNX / torch.export deployment export (fastseg.deploy's onnx and pt2 modules, `fastseg export`).
 
 One dynamic ONNX file per model is exported once (module fixtures) and then checked with
 onnx.checker, ONNX Runtime and OpenVINO at three sizes (odd ones and batch 2 included) against
@@ -7,6 +7,7 @@ fastseg's PyTorch output, and op by op for the decoder rewrite.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
 
@@ -19,7 +20,7 @@ pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
 from fastseg import SETR, SegFormer, SegFormerConfig, SETRConfig, export_onnx  # noqa: E402
-from fastseg import export as ex  # noqa: E402
+ex = importlib.import_module("fastseg.deploy")  # the package (fastseg.deploy is the function)
 from fastseg.cli import main as cli_main  # noqa: E402
 
 try:
@@ -338,11 +339,13 @@ def test_output_folder_errors(tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(ex.os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
     with pytest.raises(ex.ExportError, match="not writable"):
         export_onnx(model, locked / "m.onnx")
     with pytest.raises(ex.ExportError, match="opset 16 is too old"):
         export_onnx(model, tmp_path / "m.onnx", opset=16)
+    with pytest.raises(ex.ExportError, match="newer than the installed onnx"):
+        export_onnx(model, tmp_path / "m.onnx", opset=onnx.defs.onnx_opset_version() + 1)
     with pytest.raises(ex.ExportError, match=">= 32"):
         export_onnx(model, tmp_path / "m.onnx", example_size=(31, 64))
     with pytest.raises(ex.ExportError, match="needs opset >= 23"):
