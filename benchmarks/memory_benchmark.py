@@ -38,7 +38,7 @@ import numpy as np, torch
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"]) if args["threads"] else None
 from fastseg import SegFormer
-from fastseg import evaluate
+from fastseg import predict
 SegFormer.from_pretrained  # import the model code before the baseline
 import PIL.Image
 def rss_mb():
@@ -47,7 +47,7 @@ def rss_mb():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
 p = argparse = __import__("argparse").ArgumentParser()
-evaluate.add_predict_arguments(p)
+predict.add_predict_arguments(p)
 cli = [args["image"], "--checkpoint", args["model"], "--out", args["out"], "--fused", "--quiet", "--workers", "0",
        "--device", args["device"], "--palette", "generated"]
 if args["mode"] == "slide":
@@ -62,7 +62,7 @@ base = rss_mb()
 if args["device"].startswith("cuda"):
     torch.cuda.reset_peak_memory_stats()
 t0 = time.perf_counter()
-rc = evaluate.predict_main(ns)
+rc = predict.predict_main(ns)
 seconds = time.perf_counter() - t0
 out = {"rc": rc, "seconds": seconds, "baseline_rss_mb": base,
        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
