@@ -95,6 +95,13 @@ def add_dataset_arguments(p, default_dataset: str | None = "synthetic") -> None:
                    help="folder dataset: label 0 is 'ignore' and classes start at 1")
     g.add_argument("--synthetic-size", type=int, default=64, help="synthetic image size")
     g.add_argument("--synthetic-images", type=int, default=None, help="synthetic images per split")
+    add_exif_argument(g)
+
+
+def add_exif_argument(p) -> None:
+    """``--no-exif`` (train, eval, predict): see :func:`fastseg.data.read_image`."""
+    p.add_argument("--no-exif", dest="exif", action="store_false",
+                   help="read images as stored, ignoring their EXIF orientation (default: as viewers show them)")
 
 
 def dataset_from_args(args, split: str):
@@ -103,7 +110,8 @@ def dataset_from_args(args, split: str):
     return build_dataset(args.dataset, split, args.data_root, num_classes=args.num_classes,
                          image_dir=args.image_dir, label_dir=args.label_dir,
                          reduce_zero=args.reduce_zero_label, synthetic_size=args.synthetic_size,
-                         synthetic_images=args.synthetic_images, seed=getattr(args, "data_seed", 0))
+                         synthetic_images=args.synthetic_images, seed=getattr(args, "data_seed", 0),
+                         exif=getattr(args, "exif", True))
 
 
 def add_inference_arguments(p) -> None:
@@ -123,7 +131,9 @@ def add_inference_arguments(p) -> None:
                         "path, mmseg's arithmetic; holds (K, H, W) tensors). Default: accumulate on the logits' "
                         "grid and take labels from the fused upsample + argmax")
     g.add_argument("--amp", choices=list(AMP_DTYPES), default="none", help="autocast dtype for inference")
-    g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=False, help="fused kernels")
+    g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused kernels (the default; --fused is accepted and changes nothing); --no-fused: the "
+                        "reference path. Each op runs the backend the dispatcher picks (fastseg info)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
 
 
@@ -146,6 +156,17 @@ def inference_settings(args, dataset_name: str | None) -> dict:
             "test_scale": test_scale, "two_step": bool(getattr(args, "two_step", False))}
 
 
+def apply_fused(model, fused: bool | None) -> bool:
+    """``--fused`` / ``--no-fused`` / neither (None: fused wherever the model has a fused path) on
+    a loaded model; returns whether it runs fused. ``--fused`` on a model without one raises."""
+    if hasattr(model, "set_fused"):
+        model.set_fused(fused is not False)
+        return fused is not False
+    if fused:
+        raise ValueError(f"{type(model).__name__} has no fused path (set_fused)")
+    return False
+
+
 def _first(batch):
     return batch[0]
 
@@ -160,7 +181,9 @@ def evaluate_model(model, dataset, *, mode="whole", crop=None, stride=None, scal
     :func:`fastseg.inference.segment_labels`, whose fused upsample + argmax gives the labels at the
     label's size straight from the logits' grid (no full-resolution logits). Under torch.distributed each rank takes
     every ``world``-th image and the confusion matrices are summed. Returns the metrics dict
-    (see :mod:`fastseg.metrics`) plus ``images``.
+    (see :mod:`fastseg.metrics`) plus ``images`` and ``non_finite_images``: the images whose
+    logits held NaN or Inf, each warned about on one line and left out of the metrics (its
+    labels would be confident answers made from NaN).
     """
     from tqdm import tqdm
 
@@ -171,26 +194,48 @@ def evaluate_model(model, dataset, *, mode="whole", crop=None, stride=None, scal
     device = device or next(model.parameters()).device
     rank, world = dist_info()
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    shard = torch.utils.data.Subset(EvalSet(dataset, TestTransform(test_scale)), list(range(rank, n, world)))
+    # uint8 images: segment_labels normalises one window (or pass) at a time
+    samples = EvalSet(dataset, TestTransform(test_scale, normalized=False))
+    shard = torch.utils.data.Subset(samples, list(range(rank, n, world)))
     loader = torch.utils.data.DataLoader(shard, batch_size=1, num_workers=workers, collate_fn=_first,
                                          pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     metric = SegMetric(dataset.num_classes, dataset.ignore_index, device=device)
+    non_finite = []
+    bar = tqdm(loader, desc="eval", unit="img", disable=not progress or rank != 0, file=sys.stderr, leave=False)
     try:
-        for image, label, _ in tqdm(loader, desc="eval", unit="img", disable=not progress or rank != 0,
-                                    file=sys.stderr, leave=False):
+        for image, label, index in bar:
             image = image[None].to(device, non_blocking=True)
             with autocast(device, amp):
-                labels = segment_labels(model, image, mode=mode, crop=crop, stride=stride, scales=scales,
-                                        flip=flip, out_size=label.shape, two_step=two_step)
+                labels, finite = segment_labels(model, image, mode=mode, crop=crop, stride=stride, scales=scales,
+                                                flip=flip, out_size=label.shape, two_step=two_step,
+                                                return_finite=True)
+            if not bool(finite[0]):  # labels from NaN/Inf logits would be counted as confident answers
+                non_finite.append(dataset.sample_source(index))
+                bar.write(f"fastseg eval: warning: {non_finite[-1]}: non-finite logits (NaN or Inf); "
+                          "left out of the metrics", file=sys.stderr)
+                continue
             metric.update(labels[0], label.to(device))
     finally:
+        bar.close()
         model.train(was_training)
     metric.all_reduce()
     result = metric.compute()
     result["images"] = n
+    result["non_finite_images"] = _gathered(non_finite, world)
     return result
+
+
+def _gathered(items: list, world: int) -> list:
+    """Every rank's ``items``, concatenated (the list itself without torch.distributed)."""
+    if world == 1:
+        return items
+    import torch.distributed as dist
+
+    parts = [None] * world
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
 
 
 # --- eval ----------------------------------------------------------------------------------------------
@@ -242,10 +287,7 @@ def eval_main(args) -> int:
         model_classes = getattr(model, "num_classes", None)
         if model_classes is not None and model_classes != dataset.num_classes:
             raise ValueError(f"the model predicts {model_classes} classes but {dataset_name} has {dataset.num_classes}")
-        if hasattr(model, "set_fused"):
-            model.set_fused(args.fused)
-        elif args.fused:
-            raise ValueError(f"{type(model).__name__} has no fused path (set_fused)")
+        args.fused = apply_fused(model, args.fused)
         model.to(device).eval()
         settings = inference_settings(args, dataset_name)
         result = evaluate_model(model, dataset, **settings, device=device, amp=args.amp, workers=args.workers,
@@ -262,6 +304,7 @@ def eval_main(args) -> int:
                 "settings": {**settings, "amp": args.amp, "fused": args.fused, "world_size": world},
                 "aAcc": result["aAcc"], "mIoU": result["mIoU"], "mAcc": result["mAcc"],
                 "images": result["images"], "pixels": result["pixels"],
+                "non_finite_images": result["non_finite_images"],
                 "per_class": {n: {"IoU": i, "Acc": a} for n, i, a in zip(names, result["IoU"], result["Acc"])},
             }
             out = Path(args.out) if args.out else Path(str(args.checkpoint).rstrip("/") + ".eval.json")
@@ -270,6 +313,11 @@ def eval_main(args) -> int:
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+    if result["non_finite_images"]:
+        if rank == 0:
+            print(f"fastseg eval: {len(result['non_finite_images'])} image(s) had non-finite logits and are not in "
+                  "the metrics (listed in the JSON)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -23,7 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastseg.evaluate import add_inference_arguments, autocast, inference_settings, pick_device
+from fastseg.evaluate import (
+    add_exif_argument,
+    add_inference_arguments,
+    apply_fused,
+    autocast,
+    inference_settings,
+    pick_device,
+)
 
 
 def add_predict_arguments(p) -> None:
@@ -43,18 +50,22 @@ def add_predict_arguments(p) -> None:
     p.add_argument("--workers", type=int, default=2, help="background image-decoding workers (0: none)")
     p.add_argument("--dataset-recipe", default=None, choices=["ade20k", "cityscapes"],
                    help="use this dataset's test scale and mode defaults")
+    add_exif_argument(p)
     add_inference_arguments(p)
     p.add_argument("--quiet", action="store_true")
 
 
 def collect_images(inputs) -> list[Path]:
+    """The files to run: each file given, and every entry of each folder given whose name has an
+    image suffix — a subfolder or other non-file named like an image included, so that it is
+    reported as a failure rather than skipped silently. Other names in a folder are ignored."""
     from fastseg.data.datasets import IMAGE_SUFFIXES
 
     files, missing = [], []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
             files += found
@@ -68,12 +79,13 @@ def collect_images(inputs) -> list[Path]:
 
 
 class PredictImages(torch.utils.data.Dataset):
-    """Image files decoded and test-transformed (in DataLoader workers): (index, x, image, error).
+    """Image files decoded and test-transformed (in DataLoader workers): (index, x, image, error),
+    x: (3, h, w) uint8 at the test scale (a view of ``image`` when not resized).
     An unreadable file gives x = image = None and the error text instead of raising, so one bad
     file never stops the loader."""
 
-    def __init__(self, files, transform):
-        self.files, self.transform = list(files), transform
+    def __init__(self, files, transform, exif: bool = True):
+        self.files, self.transform, self.exif = list(files), transform, exif
 
     def __len__(self) -> int:
         return len(self.files)
@@ -82,7 +94,7 @@ class PredictImages(torch.utils.data.Dataset):
         from fastseg.data import read_image
 
         try:
-            image = read_image(self.files[index])
+            image = read_image(self.files[index], exif=self.exif)
             x, _ = self.transform(image)
             return index, x, image, None
         except Exception as e:  # noqa: BLE001 - reported per file by predict_main
@@ -93,6 +105,7 @@ def _as_is(sample):
     return sample  # keep numpy images as they are (the default would convert them to tensors)
 
 
+NON_FINITE = "non-finite logits (NaN or Inf): no mask written"
 LABEL_PNG_8BIT_MAX = 256  # classes an 8-bit (mode L) label PNG can hold
 
 
@@ -123,8 +136,7 @@ def predict_main(args) -> int:
     files = collect_images(args.inputs)
     device = pick_device(args.device)
     model, info = load_model(args.checkpoint, model_name=args.model)
-    if hasattr(model, "set_fused"):
-        model.set_fused(args.fused)
+    args.fused = apply_fused(model, args.fused)
     model.to(device).eval()
     num_classes = getattr(model, "num_classes", None)
     recipe = args.dataset_recipe or (info.get("dataset") if info.get("dataset") in ("ade20k", "cityscapes") else None)
@@ -141,9 +153,9 @@ def predict_main(args) -> int:
         print(f"--save-labels: the model has {num_classes} classes (> {LABEL_PNG_8BIT_MAX}), so the label PNGs "
               "are 16-bit (mode I;16)", file=sys.stderr)
     workers = max(0, min(getattr(args, "workers", 2), len(files)))
-    loader = torch.utils.data.DataLoader(PredictImages(files, TestTransform(settings["test_scale"])), batch_size=None,
-                                         num_workers=workers, prefetch_factor=max(2, batch) if workers else None,
-                                         collate_fn=_as_is)
+    images = PredictImages(files, TestTransform(settings["test_scale"], normalized=False), args.exif)
+    loader = torch.utils.data.DataLoader(images, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                         prefetch_factor=max(2, batch) if workers else None)
     palette = None
     written, failures = [], []
     groups: dict[tuple, list] = {}  # images of one (transformed, original) size, waiting for a batch
@@ -161,19 +173,26 @@ def predict_main(args) -> int:
         nonlocal palette
         items = groups.pop(key)
         try:
-            x = torch.stack([item[1] for item in items]).to(device)
+            # uint8 pixels: segment_labels normalises one window (or pass) at a time
+            x = items[0][1][None] if len(items) == 1 else torch.stack([item[1] for item in items])
             with torch.no_grad(), autocast(device, args.amp):
-                labels = segment_labels(model, x, mode=settings["mode"], crop=settings["crop"],
-                                        stride=settings["stride"], scales=settings["scales"], flip=settings["flip"],
-                                        out_size=items[0][2].shape[:2], two_step=settings["two_step"])
-            labels = labels.cpu().numpy()
+                labels, finite = segment_labels(model, x.to(device), mode=settings["mode"], crop=settings["crop"],
+                                                stride=settings["stride"], scales=settings["scales"],
+                                                flip=settings["flip"], out_size=items[0][2].shape[:2],
+                                                two_step=settings["two_step"], return_finite=True)
+            del x
+            labels, finite = labels.cpu().numpy(), finite.tolist()
         except Exception as e:  # noqa: BLE001 - e.g. an image too small for the model: skip it, go on
             for index, _, _ in items:
                 fail(files[index], f"inference failed ({type(e).__name__}: {e})")
             progress.update(len(items))
             return
-        for (index, _, image), lab in zip(items, labels):
+        for (index, _, image), lab, ok in zip(items, labels, finite):
             path = files[index]
+            if not ok:  # its labels would be a confident mask made from NaN/Inf: write none
+                fail(path, NON_FINITE)
+                progress.update(1)
+                continue
             try:
                 if palette is None:
                     k = num_classes or max(int(lab.max()) + 1, 1)
@@ -182,6 +201,7 @@ def predict_main(args) -> int:
                 Image.fromarray(colours).save(out_dir / f"{path.stem}.png")
                 if args.overlay is not None:
                     Image.fromarray(overlay(image, colours, args.overlay)).save(out_dir / f"{path.stem}_overlay.png")
+                del colours
                 if args.save_labels:
                     save_label_png(lab, out_dir / f"{path.stem}_labels.png", num_classes)
                 written.append(out_dir / f"{path.stem}.png")
