@@ -29,6 +29,7 @@ from fastseg.ops.dwconv3x3_gelu import folds_in_bias
 
 # The stage-1 spatial-reduction conv has an 8×8 kernel over the 1/4-resolution map.
 MIN_IMAGE_SIZE = 32
+HIDDEN_BAND_ELEMENTS = 1 << 24  # Mix-FFN hidden elements per band at inference (64 MB fp32)
 
 
 class DropPath(nn.Module):
@@ -129,11 +130,41 @@ class MixFFN(nn.Module):
         return ops.dwconv3x3_gelu_reference(self.fc1(x), H, W, self.dwconv.weight, self.dwconv.bias)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        return self.fc2(self.hidden(x, H, W))
+        return self._banded(x, H, W, self.fc2.bias)
 
     def forward_pre_bias(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """``forward`` without fc2's bias (the fused Block adds it in ``add_layer_norm``): (B, N, C)."""
-        return F.linear(self.hidden(x, H, W), self.fc2.weight)
+        return self._banded(x, H, W, None)
+
+    def _band_rows(self, x: torch.Tensor, H: int, W: int) -> int:
+        """Rows of the token map per band of the hidden activation (H: all at once). Inference on
+        large maps only: the (B, N, 4C) hidden map is the largest tensor of a forward (stage 1 of
+        a 2048×1024 image: 128 MB twice over, fc1's output and the GELU's). The reference path
+        stays the plain eager computation."""
+        if not self.fused or torch.is_grad_enabled() and (x.requires_grad or self.fc1.weight.requires_grad):
+            return H
+        return max(1, min(H, HIDDEN_BAND_ELEMENTS // max(1, x.shape[0] * W * self.fc1.out_features)))
+
+    def _banded(self, x: torch.Tensor, H: int, W: int, fc2_bias) -> torch.Tensor:
+        """fc2(hidden(x)) (+ ``fc2_bias``), made ``_band_rows`` rows at a time: each band's hidden
+        map is computed from its rows plus one halo row on each side (the 3×3 conv's reach), so
+        every output row sees exactly the neighbours it sees in the whole-map computation."""
+        rows = self._band_rows(x, H, W)
+        if rows >= H:
+            return F.linear(self.hidden(x, H, W), self.fc2.weight, fc2_bias)
+        B, _, C = x.shape
+        grid = x.reshape(B, H, W, C)
+        out = None
+        for r0 in range(0, H, rows):
+            r1 = min(H, r0 + rows)
+            a, b = max(r0 - 1, 0), min(r1 + 1, H)
+            h = self.hidden(grid[:, a:b].reshape(B, (b - a) * W, C), b - a, W)
+            h = h.reshape(B, b - a, W, -1)[:, r0 - a:r1 - a].reshape(B, (r1 - r0) * W, -1)
+            y = F.linear(h, self.fc2.weight, fc2_bias)
+            if out is None:
+                out = y.new_empty((B, H * W, y.shape[-1]))
+            out[:, r0 * W:r1 * W] = y
+        return out
 
 
 class Block(nn.Module):
