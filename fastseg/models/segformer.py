@@ -29,7 +29,7 @@ from fastseg.ops.dwconv3x3_gelu import folds_in_bias
 
 # The stage-1 spatial-reduction conv has an 8×8 kernel over the 1/4-resolution map.
 MIN_IMAGE_SIZE = 32
-HIDDEN_BAND_ELEMENTS = 1 << 24  # Mix-FFN hidden elements per band at inference (64 MB fp32)
+HIDDEN_BAND_ELEMENTS = 1 << 22  # Mix-FFN hidden elements per band at inference (16 MB fp32)
 
 
 class DropPath(nn.Module):
