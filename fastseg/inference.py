@@ -23,6 +23,14 @@ the reference; it holds (B, K, H, W) tensors), without ever making a (B, K, H, W
 - ``whole``, one pass, output at the input size (``fastseg predict``; Cityscapes eval): the
   logits go straight to the fused :func:`fastseg.ops.upsample_argmax`: one bilinear resize and
   the argmax in one kernel; only the labels are full size.
+- ``slide``, one pass (``fastseg predict --mode slide``): memory bounded by the window, not the
+  image. The windows run in raster order; each window's logits stay on their own grid; after
+  each row of windows, the input rows no later window covers are final, so the output rows that
+  read only final rows are finished band by band (the arithmetic below: sum of the windows'
+  resized logits in raster order / count, exactly mmseg's) and the windows no later output row
+  needs are dropped. At most the windows of two window rows are held. Not a band of K×crop_h×W
+  full-resolution accumulators: the windows' 1/4-grid logits are 16× smaller and give the same
+  sums.
 - everything else (``slide``, multi-scale / flip, or a ``test_scale`` that makes the output size
   differ from the input size): the passes' logits are kept on their own grids (1/4 of the input
   for SegFormer; for ``slide`` each window's logits), and the labels are made band by band of
@@ -40,6 +48,11 @@ with the two-step labels on 99.85–99.92 % of the pixels for slide with a confi
 synthetic set (97.3 % with a random tiny SegFormer), 95.4–97.6 % for multi-scale + flip (mIoU
 0.614 → 0.699 with six scales), 99.3 % for an output size other than the input's; the banded
 evaluation agrees on 100 % in all of them (tests/test_metrics_inference.py).
+Images may be given as uint8 pixels (B, 3, H, W) (what ``predict`` and ``eval`` do): each
+window, or each pass, is normalised when it runs (:func:`model_input`), so no float copy of the
+whole image exists in ``slide`` mode. Labels come in the smallest integer dtype for K
+(:func:`label_dtype`); ``return_finite`` says per image whether every logit was finite.
+
 Labels still differ from the two-step ones where rounding decides (near-ties: the band's
 row interpolation is a lerp, the fused op's arithmetic is its own; see
 :mod:`fastseg.ops.upsample_argmax`).

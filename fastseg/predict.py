@@ -7,9 +7,14 @@
 writes ``<stem>.png`` (the class map in palette colours) for each image, and ``<stem>_overlay.png``
 (mask blended over the image) with ``--overlay ALPHA``. Images are decoded in DataLoader workers
 (``--workers``) while the model runs; ``--batch N`` runs up to N images of one size together.
-An unreadable image is skipped with a warning naming it, the others are written, and the exit
-code is 1 when any failed (all listed at the end). Labels come from the fused upsample + argmax,
-so no full-resolution logits are held.
+An image that cannot be processed — unreadable, not an image file (a folder entry named like one),
+or whose logits hold NaN / Inf (no mask is written for it: it would be a confident mask made from
+NaN) — is skipped with a warning naming it, the others are written, and the exit code is 1 when
+any failed (all listed at the end). Images are read as viewers show them (EXIF orientation,
+16-bit >> 8; :func:`fastseg.data.read_image`; ``--no-exif``). The model runs fused unless
+``--no-fused``. Memory is bounded by the window: images stay uint8 until a window runs, labels
+come from the fused upsample + argmax or the streamed sliding window
+(:func:`fastseg.inference.segment_labels`) in uint8 for up to 256 classes.
 
 ``add_predict_arguments(parser)`` and ``predict_main(args) -> int`` are the command;
 ``python -m fastseg.predict …`` runs it.
