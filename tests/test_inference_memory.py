@@ -95,5 +95,9 @@ def test_mix_ffn_in_bands_is_the_whole_map_computation(monkeypatch):
     with torch.no_grad():
         whole = model(x)
         monkeypatch.setattr(segformer, "HIDDEN_BAND_ELEMENTS", 2 * 21 * 64 * 3)  # 3 rows per band at stage 1
+        assert torch.equal(model(x), whole)  # small maps: one pass (below HIDDEN_BAND_MIN_PER_IMAGE)
+        monkeypatch.setattr(segformer, "HIDDEN_BAND_MIN_PER_IMAGE", 0)
+        mlp = model.encoder.stages[0].blocks[0].mlp
+        assert mlp._band_rows(torch.zeros(2, 16 * 21, 16), 16, 21) == 3
         banded = model(x)
     torch.testing.assert_close(banded, whole, rtol=1e-6, atol=1e-6)

@@ -30,6 +30,14 @@ from fastseg.ops.dwconv3x3_gelu import folds_in_bias
 # The stage-1 spatial-reduction conv has an 8×8 kernel over the 1/4-resolution map.
 MIN_IMAGE_SIZE = 32
 HIDDEN_BAND_ELEMENTS = 1 << 22  # Mix-FFN hidden elements per band at inference (16 MB fp32)
+HIDDEN_BAND_MIN_PER_IMAGE = 1 << 24  # banded from this many hidden elements per image on (64 MB)
+
+
+def _tracing() -> bool:
+    """torch.compile / torch.export / jit tracing / ONNX export: shapes may be symbolic."""
+    onnx = getattr(torch, "onnx", None)
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or bool(onnx is not None and onnx.is_in_onnx_export()))
 
 
 class DropPath(nn.Module):
@@ -139,10 +147,13 @@ class MixFFN(nn.Module):
     def _band_rows(self, x: torch.Tensor, H: int, W: int) -> int:
         """Rows of the token map per band of the hidden activation (H: all at once). Inference on
         large maps only: the (B, N, 4C) hidden map is the largest tensor of a forward (stage 1 of
-        a 2048×1024 image: 128 MB twice over, fc1's output and the GELU's). The reference path
-        stays the plain eager computation."""
+        a 2048×1024 image: 128 MB twice over, fc1's output and the GELU's), i.e. from
+        ``HIDDEN_BAND_MIN_PER_IMAGE`` elements per image on (b2–b5 from 1024²; 512² images keep
+        one pass at any batch). The reference path stays the plain eager computation."""
         if not self.fused or torch.is_grad_enabled() and (x.requires_grad or self.fc1.weight.requires_grad):
             return H
+        if H * W * self.fc1.out_features < HIDDEN_BAND_MIN_PER_IMAGE or _tracing():
+            return H  # the usual sizes keep one pass; a traced graph must not bake in the band loop
         return max(1, min(H, HIDDEN_BAND_ELEMENTS // max(1, x.shape[0] * W * self.fc1.out_features)))
 
     def _banded(self, x: torch.Tensor, H: int, W: int, fc2_bias) -> torch.Tensor:
