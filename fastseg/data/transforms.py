@@ -305,6 +305,9 @@ class TestTransform:
     def __post_init__(self):
         if self.scale is not None:
             object.__setattr__(self, "scale", _pair(self.scale, "scale"))
+        if not self.normalized and (tuple(self.mean), tuple(self.std)) != (IMAGENET_MEAN, IMAGENET_STD):
+            raise ValueError("TestTransform(normalized=False) leaves normalisation to inference, which uses the "
+                             "ImageNet mean/std; custom mean/std need normalized=True")
 
     def __call__(self, image: np.ndarray, label: np.ndarray | None = None):
         check_pair(image, label)
