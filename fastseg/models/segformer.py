@@ -152,8 +152,10 @@ class MixFFN(nn.Module):
         one pass at any batch). The reference path stays the plain eager computation."""
         if not self.fused or torch.is_grad_enabled() and (x.requires_grad or self.fc1.weight.requires_grad):
             return H
-        if H * W * self.fc1.out_features < HIDDEN_BAND_MIN_PER_IMAGE or _tracing():
-            return H  # the usual sizes keep one pass; a traced graph must not bake in the band loop
+        if _tracing():  # first: a traced graph must not bake in the loop, nor guard on H·W
+            return H
+        if H * W * self.fc1.out_features < HIDDEN_BAND_MIN_PER_IMAGE:
+            return H
         return max(1, min(H, HIDDEN_BAND_ELEMENTS // max(1, x.shape[0] * W * self.fc1.out_features)))
 
     def _banded(self, x: torch.Tensor, H: int, W: int, fc2_bias) -> torch.Tensor:
