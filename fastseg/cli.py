@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--allow-eps-change", action="store_true",
                    help="convert even where the target library computes with other LayerNorm eps")
     p.set_defaults(func=convert)
-    from fastseg import evaluate, train
+    from fastseg import evaluate, predict, train
 
     p = sub.add_parser("train", help="train SegFormer/SETR (--fused for the kernels; torchrun for DDP)")
     train.add_arguments(p)
@@ -97,8 +97,8 @@ def main(argv=None) -> int:
     evaluate.add_eval_arguments(p)
     p.set_defaults(func=evaluate.eval_main)
     p = sub.add_parser("predict", help="colourised masks (and overlays) for images")
-    evaluate.add_predict_arguments(p)
-    p.set_defaults(func=evaluate.predict_main)
+    predict.add_predict_arguments(p)
+    p.set_defaults(func=predict.predict_main)
     from fastseg.deploy import cli as deploy_cli
 
     p = sub.add_parser("export", help="ONNX (ONNX Runtime / OpenVINO / TensorRT) or torch.export file of the fast graph")

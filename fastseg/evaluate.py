@@ -1,6 +1,6 @@
-"""``fastseg eval`` (mIoU on a dataset split) and ``fastseg predict`` (colourised masks).
+"""``fastseg eval`` (mIoU on a dataset split) and the inference helpers ``fastseg predict`` shares.
 
-eval::
+::
 
     fastseg eval --checkpoint runs/ade/checkpoints/iter_00160000.pth --dataset ade20k --data-root data/ade
     fastseg eval --checkpoint segformer.b0.1024x1024.city.160k.pth --dataset cityscapes \
@@ -11,19 +11,9 @@ prints a per-class IoU/Acc table and aAcc / mIoU / mAcc, and writes them as JSON
 ``torchrun`` each rank evaluates a share of the images and the confusion matrices are summed
 with ``all_reduce``.
 
-predict::
-
-    fastseg predict --checkpoint ckpt.pth img1.jpg folder/ --out masks/ --palette ade20k --overlay 0.5
-
-writes ``<stem>.png`` (the class map in palette colours) for each image, and ``<stem>_overlay.png``
-(mask blended over the image) with ``--overlay ALPHA``. Images are decoded in DataLoader workers
-(``--workers``) while the model runs; ``--batch N`` runs up to N images of one size together.
-An unreadable image is skipped with a warning naming it, the others are written, and the exit
-code is 1 when any failed (all listed at the end). Labels come from the fused upsample + argmax,
-so no full-resolution logits are held.
-
-Both commands expose ``add_*_arguments(parser)`` and ``*_main(args) -> int``; ``add_arguments``
-/ ``main`` are the eval command. ``python -m fastseg.evaluate {eval,predict} …`` runs either.
+``add_eval_arguments(parser)`` and ``eval_main(args) -> int`` (alias ``add_arguments`` / ``main``)
+are the command; ``predict`` lives in :mod:`fastseg.predict`. ``python -m fastseg.evaluate
+{eval,predict} …`` runs either.
 """
 from __future__ import annotations
 
@@ -36,7 +26,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
@@ -106,6 +95,13 @@ def add_dataset_arguments(p, default_dataset: str | None = "synthetic") -> None:
                    help="folder dataset: label 0 is 'ignore' and classes start at 1")
     g.add_argument("--synthetic-size", type=int, default=64, help="synthetic image size")
     g.add_argument("--synthetic-images", type=int, default=None, help="synthetic images per split")
+    add_exif_argument(g)
+
+
+def add_exif_argument(p) -> None:
+    """``--no-exif`` (train, eval, predict): see :func:`fastseg.data.read_image`."""
+    p.add_argument("--no-exif", dest="exif", action="store_false",
+                   help="read images as stored, ignoring their EXIF orientation (default: as viewers show them)")
 
 
 def dataset_from_args(args, split: str):
@@ -114,7 +110,8 @@ def dataset_from_args(args, split: str):
     return build_dataset(args.dataset, split, args.data_root, num_classes=args.num_classes,
                          image_dir=args.image_dir, label_dir=args.label_dir,
                          reduce_zero=args.reduce_zero_label, synthetic_size=args.synthetic_size,
-                         synthetic_images=args.synthetic_images, seed=getattr(args, "data_seed", 0))
+                         synthetic_images=args.synthetic_images, seed=getattr(args, "data_seed", 0),
+                         exif=getattr(args, "exif", True))
 
 
 def add_inference_arguments(p) -> None:
@@ -134,7 +131,9 @@ def add_inference_arguments(p) -> None:
                         "path, mmseg's arithmetic; holds (K, H, W) tensors). Default: accumulate on the logits' "
                         "grid and take labels from the fused upsample + argmax")
     g.add_argument("--amp", choices=list(AMP_DTYPES), default="none", help="autocast dtype for inference")
-    g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=False, help="fused kernels")
+    g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused kernels (the default; --fused is accepted and changes nothing); --no-fused: the "
+                        "reference path. Each op runs the backend the dispatcher picks (fastseg info)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
 
 
@@ -157,6 +156,17 @@ def inference_settings(args, dataset_name: str | None) -> dict:
             "test_scale": test_scale, "two_step": bool(getattr(args, "two_step", False))}
 
 
+def apply_fused(model, fused: bool | None) -> bool:
+    """``--fused`` / ``--no-fused`` / neither (None: fused wherever the model has a fused path) on
+    a loaded model; returns whether it runs fused. ``--fused`` on a model without one raises."""
+    if hasattr(model, "set_fused"):
+        model.set_fused(fused is not False)
+        return fused is not False
+    if fused:
+        raise ValueError(f"{type(model).__name__} has no fused path (set_fused)")
+    return False
+
+
 def _first(batch):
     return batch[0]
 
@@ -171,7 +181,9 @@ def evaluate_model(model, dataset, *, mode="whole", crop=None, stride=None, scal
     :func:`fastseg.inference.segment_labels`, whose fused upsample + argmax gives the labels at the
     label's size straight from the logits' grid (no full-resolution logits). Under torch.distributed each rank takes
     every ``world``-th image and the confusion matrices are summed. Returns the metrics dict
-    (see :mod:`fastseg.metrics`) plus ``images``.
+    (see :mod:`fastseg.metrics`) plus ``images`` and ``non_finite_images``: the images whose
+    logits held NaN or Inf, each warned about on one line and left out of the metrics (its
+    labels would be confident answers made from NaN).
     """
     from tqdm import tqdm
 
@@ -182,26 +194,48 @@ def evaluate_model(model, dataset, *, mode="whole", crop=None, stride=None, scal
     device = device or next(model.parameters()).device
     rank, world = dist_info()
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    shard = torch.utils.data.Subset(EvalSet(dataset, TestTransform(test_scale)), list(range(rank, n, world)))
+    # uint8 images: segment_labels normalises one window (or pass) at a time
+    samples = EvalSet(dataset, TestTransform(test_scale, normalized=False))
+    shard = torch.utils.data.Subset(samples, list(range(rank, n, world)))
     loader = torch.utils.data.DataLoader(shard, batch_size=1, num_workers=workers, collate_fn=_first,
                                          pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     metric = SegMetric(dataset.num_classes, dataset.ignore_index, device=device)
+    non_finite = []
+    bar = tqdm(loader, desc="eval", unit="img", disable=not progress or rank != 0, file=sys.stderr, leave=False)
     try:
-        for image, label, _ in tqdm(loader, desc="eval", unit="img", disable=not progress or rank != 0,
-                                    file=sys.stderr, leave=False):
+        for image, label, index in bar:
             image = image[None].to(device, non_blocking=True)
             with autocast(device, amp):
-                labels = segment_labels(model, image, mode=mode, crop=crop, stride=stride, scales=scales,
-                                        flip=flip, out_size=label.shape, two_step=two_step)
+                labels, finite = segment_labels(model, image, mode=mode, crop=crop, stride=stride, scales=scales,
+                                                flip=flip, out_size=label.shape, two_step=two_step,
+                                                return_finite=True)
+            if not bool(finite[0]):  # labels from NaN/Inf logits would be counted as confident answers
+                non_finite.append(dataset.sample_source(index))
+                bar.write(f"fastseg eval: warning: {non_finite[-1]}: non-finite logits (NaN or Inf); "
+                          "left out of the metrics", file=sys.stderr)
+                continue
             metric.update(labels[0], label.to(device))
     finally:
+        bar.close()
         model.train(was_training)
     metric.all_reduce()
     result = metric.compute()
     result["images"] = n
+    result["non_finite_images"] = _gathered(non_finite, world)
     return result
+
+
+def _gathered(items: list, world: int) -> list:
+    """Every rank's ``items``, concatenated (the list itself without torch.distributed)."""
+    if world == 1:
+        return items
+    import torch.distributed as dist
+
+    parts = [None] * world
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
 
 
 # --- eval ----------------------------------------------------------------------------------------------
@@ -253,10 +287,7 @@ def eval_main(args) -> int:
         model_classes = getattr(model, "num_classes", None)
         if model_classes is not None and model_classes != dataset.num_classes:
             raise ValueError(f"the model predicts {model_classes} classes but {dataset_name} has {dataset.num_classes}")
-        if hasattr(model, "set_fused"):
-            model.set_fused(args.fused)
-        elif args.fused:
-            raise ValueError(f"{type(model).__name__} has no fused path (set_fused)")
+        args.fused = apply_fused(model, args.fused)
         model.to(device).eval()
         settings = inference_settings(args, dataset_name)
         result = evaluate_model(model, dataset, **settings, device=device, amp=args.amp, workers=args.workers,
@@ -274,6 +305,7 @@ def eval_main(args) -> int:
                 "settings": {**settings, "amp": args.amp, "fused": args.fused, "world_size": world},
                 "aAcc": result["aAcc"], "mIoU": result["mIoU"], "mAcc": result["mAcc"],
                 "images": result["images"], "pixels": result["pixels"],
+                "non_finite_images": result["non_finite_images"],
                 "per_class": {n: {"IoU": i, "Acc": a} for n, i, a in zip(names, result["IoU"], result["Acc"])},
             }
             out = Path(args.out) if args.out else Path(str(args.checkpoint or args.engine).rstrip("/") + ".eval.json")
@@ -282,6 +314,11 @@ def eval_main(args) -> int:
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+    if result["non_finite_images"]:
+        if rank == 0:
+            print(f"fastseg eval: {len(result['non_finite_images'])} image(s) had non-finite logits and are not in "
+                  "the metrics (listed in the JSON)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -331,8 +368,6 @@ def model_from_args(args):
         raise ValueError("--checkpoint is needed (or --engine DIR)")
     if engine_dir is None and runtime is None and precision is None:
         return load_model(args.checkpoint, model_name=args.model, num_classes=None)
-    if getattr(args, "fused", False):
-        raise ValueError("--fused applies to the PyTorch model; an engine runs its own graph")
     import fastseg
 
     if engine_dir is not None:
@@ -345,195 +380,6 @@ def model_from_args(args):
     return engine.as_module(), info
 
 
-# --- predict -------------------------------------------------------------------------------------------
-
-def add_predict_arguments(p) -> None:
-    p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
-    p.add_argument("--checkpoint", default=None, help="as for eval (or --engine DIR)")
-    p.add_argument("--model", default=None, help="setr-… to load a SETR checkpoint")
-    p.add_argument("--out", default="predictions", help="output folder")
-    p.add_argument("--palette", default="auto",
-                   help="ade20k, cityscapes or generated (default: the checkpoint's dataset, else generated)")
-    p.add_argument("--overlay", type=float, default=None, metavar="ALPHA",
-                   help="also write <stem>_overlay.png: ALPHA * mask colours + (1 - ALPHA) * image")
-    p.add_argument("--save-labels", action="store_true",
-                   help="also write <stem>_labels.png: class ids, 8-bit (mode L), or 16-bit (mode I;16) when the "
-                        "model has more than 256 classes")
-    p.add_argument("--batch", type=int, default=1,
-                   help="images per forward pass; only images of one size are batched together (never padded)")
-    p.add_argument("--workers", type=int, default=2, help="background image-decoding workers (0: none)")
-    p.add_argument("--dataset-recipe", default=None, choices=["ade20k", "cityscapes"],
-                   help="use this dataset's test scale and mode defaults")
-    add_inference_arguments(p)
-    p.add_argument("--quiet", action="store_true")
-    add_engine_arguments(p)
-
-
-def collect_images(inputs) -> list[Path]:
-    from fastseg.data.datasets import IMAGE_SUFFIXES
-
-    files, missing = [], []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            missing.append(str(path))
-    if missing:
-        raise FileNotFoundError(f"input(s) not found: {', '.join(missing)}")
-    return files
-
-
-class PredictImages(torch.utils.data.Dataset):
-    """Image files decoded and test-transformed (in DataLoader workers): (index, x, image, error).
-    An unreadable file gives x = image = None and the error text instead of raising, so one bad
-    file never stops the loader."""
-
-    def __init__(self, files, transform):
-        self.files, self.transform = list(files), transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int):
-        from fastseg.data import read_image
-
-        try:
-            image = read_image(self.files[index])
-            x, _ = self.transform(image)
-            return index, x, image, None
-        except Exception as e:  # noqa: BLE001 - reported per file by predict_main
-            return index, None, None, str(e) or type(e).__name__
-
-
-def _as_is(sample):
-    return sample  # keep numpy images as they are (the default would convert them to tensors)
-
-
-LABEL_PNG_8BIT_MAX = 256  # classes an 8-bit (mode L) label PNG can hold
-
-
-def save_label_png(labels: np.ndarray, path: Path, num_classes: int | None) -> None:
-    """Class ids as a PNG: 8-bit (mode L) for up to 256 classes, else 16-bit (mode I;16), so ids
-    never wrap. Read back exactly by :func:`fastseg.data.read_label`."""
-    from PIL import Image
-
-    wide = (num_classes or 0) > LABEL_PNG_8BIT_MAX or (labels.size and int(labels.max()) >= LABEL_PNG_8BIT_MAX)
-    Image.fromarray(labels.astype(np.uint16 if wide else np.uint8)).save(path)
-
-
-def predict_main(args) -> int:
-    """Masks for every readable image; unreadable ones are skipped with a warning naming the file,
-    and the exit code is 1 if any image failed (all failures listed at the end)."""
-    from PIL import Image
-    from tqdm import tqdm
-
-    from fastseg.data import TestTransform, colorize, generated_palette, overlay, palette_for
-    from fastseg.data.palettes import PALETTES
-    from fastseg.inference import segment_labels
-
-    if args.overlay is not None and not 0.0 <= args.overlay <= 1.0:
-        raise ValueError(f"--overlay must be in [0, 1], got {args.overlay}")
-    batch = getattr(args, "batch", 1)
-    if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
-    files = collect_images(args.inputs)
-    device = pick_device(args.device)
-    model, info = model_from_args(args)
-    if hasattr(model, "set_fused"):
-        model.set_fused(args.fused)
-    model.to(device).eval()
-    num_classes = getattr(model, "num_classes", None)
-    recipe = args.dataset_recipe or (info.get("dataset") if info.get("dataset") in ("ade20k", "cityscapes") else None)
-    settings = inference_settings(args, recipe)
-    palette_name = info.get("dataset") if args.palette == "auto" else args.palette
-    if args.palette not in ("auto", "generated") and args.palette not in PALETTES:
-        raise ValueError(f"unknown palette {args.palette!r}; choose ade20k, cityscapes, generated or auto")
-    if (args.palette in PALETTES and num_classes is not None and num_classes != len(PALETTES[args.palette])):
-        raise ValueError(f"the {args.palette} palette has {len(PALETTES[args.palette])} colours but the model "
-                         f"predicts {num_classes} classes")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if args.save_labels and num_classes is not None and num_classes > LABEL_PNG_8BIT_MAX:
-        print(f"--save-labels: the model has {num_classes} classes (> {LABEL_PNG_8BIT_MAX}), so the label PNGs "
-              "are 16-bit (mode I;16)", file=sys.stderr)
-    workers = max(0, min(getattr(args, "workers", 2), len(files)))
-    loader = torch.utils.data.DataLoader(PredictImages(files, TestTransform(settings["test_scale"])), batch_size=None,
-                                         num_workers=workers, prefetch_factor=max(2, batch) if workers else None,
-                                         collate_fn=_as_is)
-    palette = None
-    written, failures = [], []
-    groups: dict[tuple, list] = {}  # images of one (transformed, original) size, waiting for a batch
-    progress = tqdm(total=len(files), desc="predict", unit="img", disable=args.quiet, file=sys.stderr)
-
-    def fail(path, error: str) -> None:
-        failures.append((path, error))
-        message = f"fastseg predict: skipping {path}: {error}"
-        if args.quiet:
-            print(message, file=sys.stderr)
-        else:
-            progress.write(message, file=sys.stderr)
-
-    def run(key) -> None:
-        nonlocal palette
-        items = groups.pop(key)
-        try:
-            x = torch.stack([item[1] for item in items]).to(device)
-            with torch.no_grad(), autocast(device, args.amp):
-                labels = segment_labels(model, x, mode=settings["mode"], crop=settings["crop"],
-                                        stride=settings["stride"], scales=settings["scales"], flip=settings["flip"],
-                                        out_size=items[0][2].shape[:2], two_step=settings["two_step"])
-            labels = labels.cpu().numpy()
-        except Exception as e:  # noqa: BLE001 - e.g. an image too small for the model: skip it, go on
-            for index, _, _ in items:
-                fail(files[index], f"inference failed ({type(e).__name__}: {e})")
-            progress.update(len(items))
-            return
-        for (index, _, image), lab in zip(items, labels):
-            path = files[index]
-            try:
-                if palette is None:
-                    k = num_classes or max(int(lab.max()) + 1, 1)
-                    palette = palette_for(palette_name, k) if palette_name != "generated" else generated_palette(k)
-                colours = colorize(lab, palette)
-                Image.fromarray(colours).save(out_dir / f"{path.stem}.png")
-                if args.overlay is not None:
-                    Image.fromarray(overlay(image, colours, args.overlay)).save(out_dir / f"{path.stem}_overlay.png")
-                if args.save_labels:
-                    save_label_png(lab, out_dir / f"{path.stem}_labels.png", num_classes)
-                written.append(out_dir / f"{path.stem}.png")
-            except (OSError, ValueError) as e:
-                fail(path, f"could not write its outputs ({type(e).__name__}: {e})")
-            progress.update(1)
-
-    try:
-        for index, x, image, error in loader:
-            if error is not None:
-                fail(files[index], error)
-                progress.update(1)
-                continue
-            key = (tuple(x.shape), image.shape[:2])
-            groups.setdefault(key, []).append((index, x, image))
-            if len(groups[key]) >= batch:
-                run(key)
-        for key in list(groups):
-            run(key)
-    finally:
-        progress.close()
-    print(f"wrote {len(written)} mask(s) to {out_dir}")
-    if failures:
-        print(f"fastseg predict: {len(failures)} of {len(files)} image(s) failed:", file=sys.stderr)
-        for path, error in failures:
-            print(f"  {path}: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
 add_arguments = add_eval_arguments
 main = eval_main
 
@@ -543,9 +389,11 @@ def _cli(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_eval_arguments(sub.add_parser("eval", help="mIoU of a checkpoint on a dataset split"))
-    add_predict_arguments(sub.add_parser("predict", help="colourised masks for images"))
+    from fastseg import predict  # imported here: predict builds on this module
+
+    predict.add_predict_arguments(sub.add_parser("predict", help="colourised masks for images"))
     args = parser.parse_args(argv)
-    return eval_main(args) if args.command == "eval" else predict_main(args)
+    return eval_main(args) if args.command == "eval" else predict.predict_main(args)
 
 
 if __name__ == "__main__":

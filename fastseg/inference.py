@@ -23,6 +23,14 @@ the reference; it holds (B, K, H, W) tensors), without ever making a (B, K, H, W
 - ``whole``, one pass, output at the input size (``fastseg predict``; Cityscapes eval): the
   logits go straight to the fused :func:`fastseg.ops.upsample_argmax`: one bilinear resize and
   the argmax in one kernel; only the labels are full size.
+- ``slide``, one pass (``fastseg predict --mode slide``): memory bounded by the window, not the
+  image. The windows run in raster order; each window's logits stay on their own grid; after
+  each row of windows, the input rows no later window covers are final, so the output rows that
+  read only final rows are finished band by band (the arithmetic below: sum of the windows'
+  resized logits in raster order / count, exactly mmseg's) and the windows no later output row
+  needs are dropped. At most the windows of two window rows are held. Not a band of K×crop_h×W
+  full-resolution accumulators: the windows' 1/4-grid logits are 16× smaller and give the same
+  sums.
 - everything else (``slide``, multi-scale / flip, or a ``test_scale`` that makes the output size
   differ from the input size): the passes' logits are kept on their own grids (1/4 of the input
   for SegFormer; for ``slide`` each window's logits), and the labels are made band by band of
@@ -40,6 +48,11 @@ with the two-step labels on 99.85–99.92 % of the pixels for slide with a confi
 synthetic set (97.3 % with a random tiny SegFormer), 95.4–97.6 % for multi-scale + flip (mIoU
 0.614 → 0.699 with six scales), 99.3 % for an output size other than the input's; the banded
 evaluation agrees on 100 % in all of them (tests/test_metrics_inference.py).
+Images may be given as uint8 pixels (B, 3, H, W) (what ``predict`` and ``eval`` do): each
+window, or each pass, is normalised when it runs (:func:`model_input`), so no float copy of the
+whole image exists in ``slide`` mode. Labels come in the smallest integer dtype for K
+(:func:`label_dtype`); ``return_finite`` says per image whether every logit was finite.
+
 Labels still differ from the two-step ones where rounding decides (near-ties: the band's
 row interpolation is a lerp, the fused op's arithmetic is its own; see
 :mod:`fastseg.ops.upsample_argmax`).
@@ -51,6 +64,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from fastseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels
 
 SEGFORMER_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5")
 MODEL_NAMES = tuple(f"segformer-{v}" for v in SEGFORMER_VARIANTS) + ("setr-naive", "setr-pup", "setr-mla")
@@ -145,61 +160,153 @@ def model_logits(model, images: torch.Tensor) -> torch.Tensor:
     return main_logits(model(images)).float()
 
 
+def label_dtype(num_classes: int) -> torch.dtype:
+    """The smallest integer dtype that holds class ids 0..num_classes-1: uint8 up to 256 classes."""
+    if num_classes <= 256:
+        return torch.uint8
+    return torch.int16 if num_classes <= 1 << 15 else torch.int32
+
+
+def model_input(images: torch.Tensor, region=None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """The model's input for ``region`` = (y1, y2, x1, x2) of ``images`` (None: all of it): float
+    images as they are, uint8 pixels normalised (``(x - mean) / std``, as
+    :func:`fastseg.data.transforms.normalize`) for that region only."""
+    x = images if region is None else images[:, :, region[0]:region[1], region[2]:region[3]]
+    return normalize_pixels(x, mean, std) if x.dtype == torch.uint8 else x
+
+
+def _all_finite(logits: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(logits).flatten(1).all(1)
+
+
 def segment_labels(model, images: torch.Tensor, *, mode: str = "whole", crop=None, stride=None,
                    scales=(1.0,), flip: bool = False, out_size=None, return_scores: bool = False,
-                   two_step: bool = False):
-    """Class labels (B, *out_size) int64 (default: the input size) with the labels of
-    :func:`segment` (to rounding), never holding full-resolution logits (module docstring).
+                   two_step: bool = False, return_finite: bool = False):
+    """Class labels (B, *out_size) (default: the input size) with the labels of :func:`segment` (to
+    rounding), never holding full-resolution logits (module docstring), in the smallest integer
+    dtype that holds the model's classes (:func:`label_dtype`: uint8 up to 256 classes).
 
+    ``images``: (B, 3, H, W) float, normalised, or uint8 pixels — then only one window (``slide``)
+    or pass at a time is normalised, so the image is never held as floats beside the model's input.
     With ``return_scores`` also a confidence map (B, *out_size), float32: the winning interpolated
-    logit on the fused path, the winning (averaged) probability otherwise.
+    logit on the fused path, the winning (averaged) probability otherwise. With
+    ``return_finite`` also a (B,) bool tensor: whether every logit of each image was finite (labels
+    of an image with NaN or Inf logits mean nothing; ``predict`` and ``eval`` report them).
     ``two_step=True`` runs :func:`segment` itself and takes its argmax (holds (B, K, H, W)).
     Call under ``torch.no_grad()`` / autocast as needed; the model should be in eval mode.
     """
     from fastseg.ops import upsample_argmax
 
+    def result(labels, scores, finite):
+        out = (labels,) + ((scores,) if return_scores else ()) + ((finite,) if return_finite else ())
+        return out if len(out) > 1 else labels
+
     if two_step:
-        probs = segment(model, images, mode=mode, crop=crop, stride=stride, scales=scales, flip=flip,
+        probs = segment(model, model_input(images), mode=mode, crop=crop, stride=stride, scales=scales, flip=flip,
                         out_size=out_size)
         best, labels = probs.max(1)
-        return (labels, best) if return_scores else labels
+        return result(labels.to(label_dtype(probs.shape[1])), best, _all_finite(probs))
     scales = _check_segment_args(mode, crop, stride, images, scales)
     H, W = images.shape[-2:]
     out_size = (H, W) if out_size is None else tuple(out_size)
     passes = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
     if mode == "whole" and passes == [(1.0, False)] and out_size == (H, W):
         # one resize, logits' grid → out_size: the fused op gives the two-step labels
-        return upsample_argmax(model_logits(model, images), out_size, return_scores=return_scores)
+        logits = model_logits(model, model_input(images))
+        found = upsample_argmax(logits, out_size, return_scores=return_scores)
+        labels, scores = found if return_scores else (found, None)
+        return result(labels.to(label_dtype(logits.shape[1])), scores, _all_finite(logits))
+    if mode == "slide" and passes == [(1.0, False)]:
+        return result(*_slide_labels_streamed(model, images, crop, stride, out_size, return_scores))
     held = []  # per pass: (whole-image logits, or [(window logits, y1, y2, x1, x2)]), input size, flipped
+    finite = None
+    x_full = model_input(images)  # several passes resize or mirror the whole image
     for s, flipped in passes:
-        x = images
+        x = x_full
         if s != 1.0:
             size = (max(int(H * s + 0.5), 1), max(int(W * s + 0.5), 1))
-            x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+            x = F.interpolate(x_full, size=size, mode="bilinear", align_corners=False)
         if flipped:
             x = x.flip(-1)
         if mode == "whole":
             found = model_logits(model, x)
+            ok = _all_finite(found)
         else:
             found = [(model_logits(model, x[:, :, y1:y2, x1:x2]), y1, y2, x1, x2)
                      for y1, y2, x1, x2 in _window_grid(x.shape[-2:], crop, stride)]
+            ok = torch.stack([_all_finite(f[0]) for f in found]).all(0)
+        finite = ok if finite is None else finite & ok
         held.append((found, tuple(x.shape[-2:]), flipped))
+    del x_full, x
     first = held[0][0] if mode == "whole" else held[0][0][0][0]
     B, K = first.shape[:2]
-    labels = torch.empty((B, *out_size), dtype=torch.int64, device=images.device)
+    labels = torch.empty((B, *out_size), dtype=label_dtype(K), device=images.device)
     scores = torch.empty((B, *out_size), dtype=torch.float32, device=images.device) if return_scores else None
-    rows = max(1, BAND_ELEMENTS // max(1, B * K * max(out_size[1], W)))
+    rows = _band_rows(B, K, max(out_size[1], W))
     for r0 in range(0, out_size[0], rows):
-        r1 = min(out_size[0], r0 + rows)
-        probs = None
-        for found, in_size, flipped in held:
-            p = _pass_rows(found, in_size, out_size, r0, r1, flipped).softmax(dim=1)
-            probs = p if probs is None else probs.add_(p)
-        best, arg = probs.div_(len(held)).max(1)
-        labels[:, r0:r1] = arg
-        if scores is not None:
-            scores[:, r0:r1] = best
-    return (labels, scores) if return_scores else labels
+        _finish_band(held, out_size, r0, min(out_size[0], r0 + rows), labels, scores)
+    return result(labels, scores, finite)
+
+
+def _band_rows(B: int, K: int, width: int) -> int:
+    return max(1, BAND_ELEMENTS // max(1, B * K * width))
+
+
+def _finish_band(held, out_size, r0: int, r1: int, labels, scores) -> None:
+    """Labels (and scores) of output rows [r0, r1): every pass's rows, softmax, averaged, argmax."""
+    probs = None
+    for found, in_size, flipped in held:
+        p = _pass_rows(found, in_size, out_size, r0, r1, flipped).softmax(dim=1)
+        probs = p if probs is None else probs.add_(p)
+    best, arg = probs.div_(len(held)).max(1)
+    labels[:, r0:r1] = arg
+    if scores is not None:
+        scores[:, r0:r1] = best
+
+
+def _slide_labels_streamed(model, images, crop, stride, out_size, return_scores):
+    """One slide pass, memory bounded by the windows of two window rows, not the image.
+
+    Windows run in raster order. Input row y is final once every window covering it has run,
+    i.e. once the window row after it starts below y; the output rows that need only final input
+    rows are then finished in bands (:func:`_finish_band`, the arithmetic of the whole-image
+    banded path: each window's logits resized to its window, summed in raster order, divided by
+    the count) and the windows no later output row needs are dropped. Returns labels, scores, finite.
+    """
+    H, W = images.shape[-2:]
+    grid = _window_grid((H, W), crop, stride)
+    window_rows = sorted({(y1, y2) for y1, y2, _, _ in grid})
+    # the input rows each output row reads: [first_in[r], end_in[r])
+    if out_size[0] == H:
+        first_in = torch.arange(H)
+        end_in = first_in + 1
+    else:
+        j0, j1, _ = _axis_rows(H, out_size[0], torch.arange(out_size[0]))
+        first_in, end_in = j0, j1 + 1
+    held, finite, labels, scores, done = [], None, None, None, 0
+    for i, (y1, y2) in enumerate(window_rows):
+        for wy1, wy2, x1, x2 in grid:
+            if (wy1, wy2) != (y1, y2):
+                continue
+            logits = model_logits(model, model_input(images, (wy1, wy2, x1, x2)))
+            ok = _all_finite(logits)
+            finite = ok if finite is None else finite & ok
+            held.append((logits, wy1, wy2, x1, x2))
+        if labels is None:
+            B, K = logits.shape[:2]
+            labels = torch.empty((B, *out_size), dtype=label_dtype(K), device=images.device)
+            if return_scores:
+                scores = torch.empty((B, *out_size), dtype=torch.float32, device=images.device)
+            rows = _band_rows(B, K, max(out_size[1], W))
+        final = window_rows[i + 1][0] if i + 1 < len(window_rows) else H  # input rows < final are final
+        ready = int(torch.searchsorted(end_in, torch.tensor([final]), right=True))
+        for r0 in range(done, ready, rows):
+            _finish_band([(held, (H, W), False)], out_size, r0, min(ready, r0 + rows), labels, scores)
+        done = ready
+        if done < out_size[0]:
+            need = int(first_in[done])
+            held = [w for w in held if w[2] > need]
+    return labels, scores, finite
 
 
 BAND_ELEMENTS = 1 << 22  # (B, K, rows, W) elements of one band of output rows (16 MB fp32)

@@ -1,5 +1,5 @@
 """Metrics against hand-computed confusion matrices; whole / sliding-window / multi-scale + flip
-inference; the eval and predict commands."""
+inference; the eval command (predict: tests/test_predict.py)."""
 import argparse
 import json
 import math
@@ -217,36 +217,6 @@ def test_eval_command_writes_json(tmp_path, capsys):
         evaluate.eval_main(args)
 
 
-def test_predict_writes_palette_masks_and_overlays(tmp_path):
-    tiny_segformer(19).save_pretrained(tmp_path / "model")
-    (tmp_path / "in").mkdir()
-    rng = np.random.default_rng(0)
-    images = {}
-    for name, size in (("a", (40, 56)), ("b", (33, 47))):
-        images[name] = rng.integers(0, 256, size + (3,), dtype=np.uint8)
-        Image.fromarray(images[name]).save(tmp_path / "in" / f"{name}.jpg", quality=100)
-    p = argparse.ArgumentParser()
-    evaluate.add_predict_arguments(p)
-    args = p.parse_args([str(tmp_path / "in"), "--checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "out"),
-                         "--palette", "cityscapes", "--overlay", "0.4", "--save-labels", "--quiet"])
-    assert evaluate.predict_main(args) == 0
-    palette = PALETTES["cityscapes"]
-    for name in ("a", "b"):
-        mask = np.asarray(Image.open(tmp_path / "out" / f"{name}.png"))
-        labels = np.asarray(Image.open(tmp_path / "out" / f"{name}_labels.png")).astype(np.int64)
-        blend = np.asarray(Image.open(tmp_path / "out" / f"{name}_overlay.png")).astype(int)
-        image = np.asarray(Image.open(tmp_path / "in" / f"{name}.jpg").convert("RGB")).astype(int)
-        assert mask.shape == images[name].shape and labels.max() < 19
-        np.testing.assert_array_equal(mask, palette[labels])
-        assert np.abs(blend - (0.4 * mask + 0.6 * image)).max() <= 1
-    args.palette = "ade20k"
-    with pytest.raises(ValueError, match="150 colours"):
-        evaluate.predict_main(args)
-    args.inputs = [str(tmp_path / "missing.png")]
-    with pytest.raises(FileNotFoundError, match="missing.png"):
-        evaluate.predict_main(args)
-
-
 def test_palettes():
     assert PALETTES["ade20k"].shape == (150, 3) and PALETTES["cityscapes"].shape == (19, 3)
     assert PALETTES["ade20k"][0].tolist() == [120, 120, 120] and PALETTES["cityscapes"][0].tolist() == [128, 64, 128]
@@ -341,65 +311,3 @@ def test_segment_labels_slide_and_multi_scale_agreement_and_miou():
         assert same == n, (kw, same / n)
         if "out_size" not in kw:
             assert old_metric.compute()["mIoU"] == new_metric.compute()["mIoU"], kw
-
-
-def _predict_args(tmp_path, *extra):
-    p = argparse.ArgumentParser()
-    evaluate.add_predict_arguments(p)
-    return p.parse_args([str(tmp_path / "in"), "--checkpoint", str(tmp_path / "model"), "--quiet", *extra])
-
-
-def test_predict_skips_an_unreadable_image_writes_the_rest_and_fails_at_the_end(tmp_path, capsys):
-    tiny_segformer(4).save_pretrained(tmp_path / "model")
-    (tmp_path / "in").mkdir()
-    rng = np.random.default_rng(0)
-    for name in ("a", "c", "d"):
-        Image.fromarray(rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(tmp_path / "in" / f"{name}.png")
-    (tmp_path / "in" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    (tmp_path / "in" / "e.jpg").write_bytes(b"")
-    args = _predict_args(tmp_path, "--out", str(tmp_path / "out"), "--workers", "2", "--batch", "2")
-    assert evaluate.predict_main(args) == 1
-    err = capsys.readouterr().err
-    assert "b.png" in err and "e.jpg" in err and "2 of 5 image(s) failed" in err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png", "d.png"]
-
-
-def test_predict_more_than_256_classes_writes_16_bit_labels_that_read_back_exactly(tmp_path, capsys):
-    from fastseg.data import read_image, read_label
-    from fastseg.data.transforms import TestTransform
-    from fastseg.inference import segment_labels
-
-    model = tiny_segformer(300)
-    model.save_pretrained(tmp_path / "model")
-    (tmp_path / "in").mkdir()
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(tmp_path / "in" / "a.png")
-    args = _predict_args(tmp_path, "--out", str(tmp_path / "out"), "--save-labels", "--workers", "0")
-    assert evaluate.predict_main(args) == 0
-    assert "16-bit" in capsys.readouterr().err
-    with Image.open(tmp_path / "out" / "a_labels.png") as im:
-        assert im.mode.startswith("I")
-    x, _ = TestTransform(None)(read_image(tmp_path / "in" / "a.png"))
-    with torch.no_grad():
-        want = segment_labels(model.eval(), x[None])[0].numpy()
-    got = read_label(tmp_path / "out" / "a_labels.png")
-    np.testing.assert_array_equal(got, want)
-    assert want.max() > 255  # the test means something: ids an 8-bit PNG would wrap
-    evaluate.save_label_png(np.array([[0, 255]]), tmp_path / "small.png", 19)  # <= 256 classes: 8-bit
-    with Image.open(tmp_path / "small.png") as im:
-        assert im.mode == "L"
-
-
-def test_predict_batched_masks_equal_single_image_masks(tmp_path):
-    tiny_segformer(19).save_pretrained(tmp_path / "model")
-    (tmp_path / "in").mkdir()
-    rng = np.random.default_rng(2)
-    for i, size in enumerate(((40, 56), (33, 47), (40, 56), (33, 47), (40, 56))):
-        Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(tmp_path / "in" / f"{i}.png")
-    assert evaluate.predict_main(_predict_args(tmp_path, "--out", str(tmp_path / "one"), "--workers", "0")) == 0
-    assert evaluate.predict_main(_predict_args(tmp_path, "--out", str(tmp_path / "many"), "--batch", "3",
-                                               "--workers", "1", "--save-labels")) == 0
-    for i in range(5):
-        one = np.asarray(Image.open(tmp_path / "one" / f"{i}.png"))
-        many = np.asarray(Image.open(tmp_path / "many" / f"{i}.png"))
-        np.testing.assert_array_equal(one, many)
-        assert np.asarray(Image.open(tmp_path / "many" / f"{i}_labels.png")).shape == one.shape[:2]

@@ -37,17 +37,49 @@ def _preview(items, limit: int = 5) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def read_image(path) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB."""
-    from PIL import Image, UnidentifiedImageError
+def read_image(path, exif: bool = True) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB, as image viewers show it — the one reader of
+    ``predict``, ``eval`` and training data.
 
+    - EXIF orientation is applied (``exif=False``: the pixels as stored), as OpenCV's and so
+      mmcv's readers do; a photo shown upright gets an upright mask.
+    - 16-bit images (PNG/TIFF modes ``I;16*``, and ``I``, read as 16-bit values) keep their top
+      8 bits (``>> 8``), as OpenCV's 8-bit read does; 48/64-bit RGB(A) PNGs are read that way by
+      Pillow itself. Grey, palette and alpha images become RGB (alpha dropped).
+    - Float images (mode ``F``) have no agreed range and are refused. Anything that is not an
+      image file (a folder, a text file, a truncated image) raises ``ValueError`` naming it.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot read image {path}: it is a folder, not an image file")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # not an image, or truncated
-        if isinstance(e, FileNotFoundError):
+            if exif and im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                im = ImageOps.exif_transpose(im)
+            return _as_rgb8(im, path)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        if isinstance(e, FileNotFoundError):  # not an image, truncated, or too large for Pillow
             raise
         raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose applies
+
+
+def _as_rgb8(im, path) -> np.ndarray:
+    """A PIL image of any mode as (H, W, 3) uint8 RGB (16-bit values keep their top 8 bits)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        wide = np.asarray(im)
+        if im.mode == "I":  # 32-bit container: read as 16-bit values, as a 16-bit PNG opens in old Pillows
+            wide = np.clip(wide, 0, 0xFFFF)
+        grey = (wide.astype(np.uint32) >> 8).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if im.mode == "F":
+        raise ValueError(f"cannot read image {path}: 32-bit float pixels (mode F) have no standard range; "
+                         "save it as an 8- or 16-bit image")
+    return np.array(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
 
 
 def read_label(path) -> np.ndarray:
@@ -100,6 +132,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def sample_name(self, index: int) -> str:
         return f"{index:06d}"
 
+    def sample_source(self, index: int) -> str:
+        """What a message about sample ``index`` names: its image file, or its name."""
+        return self.sample_name(index)
+
     def __getitem__(self, index: int):
         return self.load(index)
 
@@ -112,6 +148,7 @@ class PairedFiles(SegmentationDataset):
         super().__init__(num_classes, class_names)
         self.pairs = pairs
         self.reduce_zero = reduce_zero
+        self.exif = True  # apply EXIF orientation to the images (build_dataset's exif=False: not)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -119,13 +156,19 @@ class PairedFiles(SegmentationDataset):
     def sample_name(self, index: int) -> str:
         return self.pairs[index][0].stem
 
+    def sample_source(self, index: int) -> str:
+        return str(self.pairs[index][0])
+
     def load(self, index: int):
         image_path, label_path = self.pairs[index]
-        image = read_image(image_path)
+        image = read_image(image_path, exif=self.exif)
         label = read_label(label_path)
         if label.shape != image.shape[:2]:
+            hint = ""
+            if self.exif and label.shape == image.shape[1::-1]:
+                hint = " (after its EXIF orientation; --no-exif reads the pixels as stored)"
             raise ValueError(f"{label_path} is {label.shape[1]}x{label.shape[0]} but its image {image_path} is "
-                             f"{image.shape[1]}x{image.shape[0]}")
+                             f"{image.shape[1]}x{image.shape[0]}{hint}")
         if self.reduce_zero:
             label = reduce_zero_label(label)
         bad = (label >= self.num_classes) & (label != IGNORE_INDEX)
@@ -346,9 +389,10 @@ def dataset_defaults(name: str, synthetic_size: int = 64) -> DatasetDefaults:
 
 def build_dataset(name: str, split: str, root=None, *, num_classes: int | None = None,
                   image_dir: str = "images", label_dir: str = "labels", reduce_zero: bool = False,
-                  synthetic_size: int = 64, synthetic_images: int | None = None, seed: int = 0
-                  ) -> SegmentationDataset:
-    """One dataset split by name (see the module docstring)."""
+                  synthetic_size: int = 64, synthetic_images: int | None = None, seed: int = 0,
+                  exif: bool = True) -> SegmentationDataset:
+    """One dataset split by name (see the module docstring). ``exif=False``: images are read
+    without their EXIF orientation (:func:`read_image`)."""
     if name == "synthetic":
         return SyntheticShapes(split, synthetic_images, synthetic_size, num_classes or 4, seed)
     if name not in DATASETS:
@@ -362,7 +406,10 @@ def build_dataset(name: str, split: str, root=None, *, num_classes: int | None =
     elif name == "cityscapes":
         ds = Cityscapes(root, split)
     else:
-        return ImageMaskFolder(root, split, num_classes, image_dir, label_dir, reduce_zero)
+        ds = ImageMaskFolder(root, split, num_classes, image_dir, label_dir, reduce_zero)
+    ds.exif = exif
+    if name == "folder":
+        return ds
     if num_classes is not None and num_classes != ds.num_classes:
         raise ValueError(f"{name} has {ds.num_classes} classes, but num_classes={num_classes} was given")
     return ds

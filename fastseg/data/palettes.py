@@ -229,6 +229,12 @@ def colorize(labels: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"expected a (H, W) label map, got shape {labels.shape}")
+    if labels.dtype == np.uint8:  # one lookup in a 256-entry table: no full-size temporaries
+        table = np.zeros((256, 3), dtype=np.uint8)
+        table[:min(len(palette), 256)] = palette[:256]
+        if 0 <= ignore_index < 256:
+            table[ignore_index] = 0
+        return table[labels]
     out = np.zeros(labels.shape + (3,), dtype=np.uint8)
     valid = (labels >= 0) & (labels < len(palette)) & (labels != ignore_index)
     out[valid] = palette[labels[valid]]

@@ -222,10 +222,20 @@ class PhotoMetricDistortion:
 
 def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 (H, W, 3) RGB → float32 (3, H, W), ``(x - mean) / std`` per channel."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return (x - m) / s
+    return normalize_pixels(pixels_chw(image), mean, std)
+
+
+def pixels_chw(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) → a (3, H, W) uint8 view of the same memory (no copy)."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+
+def normalize_pixels(pixels: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (..., 3, H, W) → float32, ``(x - mean) / std`` per channel (the one normalisation of
+    the data pipeline and of window-by-window inference)."""
+    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32, device=pixels.device)[:, None, None]
+    return pixels.float().sub_(m).div_(s)
 
 
 def denormalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
@@ -281,22 +291,28 @@ class TrainTransform:
 @dataclass(frozen=True)
 class TestTransform:
     """Resize with the aspect ratio kept to ``scale`` = (long, short) (None: keep the size) and
-    normalise. The label is returned untouched at its original size, as int64."""
+    normalise (``normalized=False``: keep uint8 pixels). The label is returned untouched at its original size, as int64."""
 
     __test__ = False  # not a pytest class, despite the name
 
     scale: tuple[int, int] | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # False: the image stays uint8, (3, h, w) (a view when not resized), for inference that
+    # normalises one window at a time (fastseg.inference.model_input)
+    normalized: bool = True
 
     def __post_init__(self):
         if self.scale is not None:
             object.__setattr__(self, "scale", _pair(self.scale, "scale"))
+        if not self.normalized and (tuple(self.mean), tuple(self.std)) != (IMAGENET_MEAN, IMAGENET_STD):
+            raise ValueError("TestTransform(normalized=False) leaves normalisation to inference, which uses the "
+                             "ImageNet mean/std; custom mean/std need normalized=True")
 
     def __call__(self, image: np.ndarray, label: np.ndarray | None = None):
         check_pair(image, label)
         if self.scale is not None:
             image = resize_image(image, rescale_size(*image.shape[:2], self.scale))
-        x = normalize(image, self.mean, self.std)
+        x = normalize(image, self.mean, self.std) if self.normalized else pixels_chw(image)
         y = None if label is None else torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
         return x, y
