@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from fastseg import checkpoints, cpu_allocator, ops
 from fastseg.models.config import VARIANTS, SegFormerConfig
-from fastseg.ops.dwconv3x3_gelu import folds_in_bias
 from fastseg.ops.packed_linear import choice as packed_choice, linear as packed_linear, state_key
 
 # The stage-1 spatial-reduction conv has an 8×8 kernel over the 1/4-resolution map.
@@ -119,17 +118,8 @@ class MixFFN(nn.Module):
         self.fused = False
 
     def hidden(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        """fc1 → depthwise 3×3 → GELU: (B, N, C) → (B, N, 4C)."""
-        if self.fused:
-            dev = x.device.type
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-            if folds_in_bias(x.device, dtype):
-                # fc1 without its bias: the C++ kernel adds it to the conv's input taps, saving
-                # the pass in which addmm copies the bias into the whole (B, N, 4C) output.
-                x = packed_linear(x, self.fc1.weight)
-                return ops.dwconv3x3_gelu(x, H, W, self.dwconv.weight, self.dwconv.bias, in_bias=self.fc1.bias)
-            return ops.dwconv3x3_gelu(packed_linear(x, self.fc1.weight, self.fc1.bias), H, W, self.dwconv.weight,
-                                      self.dwconv.bias)
+        """The reference fc1 → depthwise 3×3 → GELU: (B, N, C) → (B, N, 4C). The fused path runs the
+        whole block through ``ops.mix_ffn`` (:meth:`fused_forward`) instead."""
         return ops.dwconv3x3_gelu_reference(self.fc1(x), H, W, self.dwconv.weight, self.dwconv.bias)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
