@@ -5,8 +5,8 @@ replaces it:
 
     pip install --no-build-isolation -e .
 
-`kernels/` (Triton kernels) is installed as the subpackage `fastseg.kernels`, never as a
-top-level package named `kernels`.
+The Triton kernels live in `fastseg/kernels/`. They are not a top-level `kernels/` folder: run
+from the repository root, such a folder shadows the `kernels` package that transformers imports.
 
 The compiled patch-embedding extension (`csrc/`) is built as `fastseg._C` with
 torch.utils.cpp_extension (ninja when available):
@@ -157,7 +157,7 @@ ext_modules, cmdclass = _extension_build()
 
 setup(
     packages=PACKAGES,
-    package_dir={"fastseg": "fastseg", "fastseg.kernels": "kernels"},
+    package_dir={"fastseg": "fastseg"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

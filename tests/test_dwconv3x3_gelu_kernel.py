@@ -7,7 +7,7 @@ relative L2 error <= 2 x the eager low-precision reference's relative L2 error (
 float64) + one unit roundoff of the dtype. A gradient returned in fp32 (fp32 weight/bias with
 fp16/bf16 activations) is held to the fp32 tolerance.
 
-Interpreter tiles (kernels/dwconv3x3_gelu.py): forward 4 x 8 pixels x 64 channels, backward
+Interpreter tiles (fastseg/kernels/dwconv3x3_gelu.py): forward 4 x 8 pixels x 64 channels, backward
 4-row x 8-column strips x 64 channels, weight-gradient partials reduced 4 at a time; so
 H = 5, 7, 13, W = 9, 11, 17 and C = 96, 160 cross tile edges and C = 40 is one ragged block.
 """
