@@ -5,10 +5,11 @@ A package folder at the root then shadows an installed package of the same name:
 `kernels/` once hid HuggingFace's `kernels`, which transformers ≥ 5.25 imports, and every test
 that built an HF model failed.
 """
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,8 +20,7 @@ def test_only_fastseg_is_a_package_at_the_root():
 
 
 def test_transformers_imports_its_dependencies_from_the_root():
-    if importlib.util.find_spec("transformers") is None:
-        return
+    pytest.importorskip("transformers")
     code = "import transformers.activations"  # imports the hub-kernels integration
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
