@@ -62,13 +62,15 @@ def test_eval_logits_match_the_reference(backend, decoder, H, W):
 @pytest.mark.parametrize("decoder", ["mlp", "mmseg"])
 def test_training_step_matches_grads_and_bn_statistics(backend, decoder):
     # No stochastic layers, so every path computes the same function; gold is the reference in fp64.
-    ref, fused = pair(decoder=decoder, drop_path_rate=0.0, decoder_dropout=0.0)
+    # Smaller under the Triton interpreter (slow): one block per stage (every kernel still runs in
+    # each stage), and at 37x41 stage 1 has Nkv = 1, so dq is zero up to rounding.
+    interpreted = backend == "triton" and DEVICE == "cpu"
+    ref, fused = pair(decoder=decoder, drop_path_rate=0.0, decoder_dropout=0.0,
+                      **({"depths": (1, 1, 1, 1)} if interpreted else {}))
     gold = copy.deepcopy(ref).double()
     for model in (ref, fused, gold):
         model.train().to(DEVICE)
-    # Smaller under the Triton interpreter (slow): there stage 1 has Nkv = 1, so dq is zero up to
-    # rounding.
-    H, W = (69, 75) if backend == "torch" or DEVICE == "cuda" else (37, 41)
+    H, W = (37, 41) if interpreted else (69, 75)
     x = torch.randn(2, 3, H, W, device=DEVICE)
     grad = torch.randn(2, 7, (H + 3) // 4, (W + 3) // 4, device=DEVICE)
     with use_backend(backend):
