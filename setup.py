@@ -104,8 +104,12 @@ def _extension_build():
                "csrc/sr_attention_cpu.cpp", "csrc/mix_ffn_cpu.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     # no debug info: a faster build and a smaller module; -fopenmp-simd: `#pragma omp simd`
-    # reductions (add_layer_norm_cpu.cpp) without the OpenMP runtime
-    cxx_flags = ["-O3", "-g0", "-fopenmp-simd"]
+    # reductions (add_layer_norm_cpu.cpp) without the OpenMP runtime; -fno-trapping-math: GCC's
+    # default (-ftrapping-math) will not if-convert a float select whose arms compute, so with
+    # AVX2 (no masked ops) loops such as the Mix-FFN GELU (dwconv3x3_gelu_rows.h: its non-finite
+    # selects) stayed scalar, 4x slower. No FP exception is ever unmasked here, NaN/Inf results
+    # are unchanged (clang's default is the same).
+    cxx_flags = ["-O3", "-g0", "-fopenmp-simd", "-fno-trapping-math"]
     # at::parallel_for is a header template that runs its body serially unless the *extension* is
     # compiled with OpenMP (_OPENMP): without -fopenmp every CPU kernel here ran on one thread.
     # Linux torch wheels use GNU OpenMP (torch/lib/libgomp.so.1, loaded before fastseg._C), so
