@@ -25,7 +25,7 @@ def add_arguments(p) -> None:
     g.add_argument("--runtime", choices=("auto",) + RUNTIMES, default=None,
                    help="deploy the bench model on this runtime and time the engine too (engine cache as fastseg deploy)")
     g.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="the engine's precision (default fp32; with --runtime, whose default is then auto)")
+                   help="the engine's precision (default fp32); given without --runtime, the runtime is auto")
     g.add_argument("--calibrate", metavar="DIR", default=None,
                    help="calibration images for --precision int8 (default: generated images at the bench size)")
 
