@@ -57,4 +57,4 @@ def line(entry: dict) -> str:
 
 def warn(entry: dict | None) -> None:
     if entry and entry.get("warning"):
-        warnings.warn(entry["warning"], Int8SlowerWarning, stacklevel=3)
+        warnings.warn(entry["warning"], Int8SlowerWarning, stacklevel=4)  # at the caller of deploy()
