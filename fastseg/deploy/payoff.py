@@ -2,10 +2,10 @@
 
 INT8 is only worth its accuracy cost where the CPU runs int8 GEMMs faster than fp32 ones
 (VNNI, AMX-INT8). Without them (e.g. a Zen 3: AVX2 only) OpenVINO's int8 graph runs about as
-fast as fp32, so ``fastseg.deploy(..., precision="int8")`` measures both, interleaved, a few
-rounds at the engine's input size (as ``runtime="auto"`` does), records them in
-``engine.report["int8_payoff"]`` (timed by ``fastseg.deploy.engine.time_engines``) and warns in one line when int8 is not faster. It never switches
-the precision itself: the caller asked for int8.
+fast as fp32, so ``fastseg.deploy(..., precision="int8")`` times both, interleaved, a few
+rounds at the engine's input size (``fastseg.deploy.engine.time_engines``, as ``runtime="auto"``
+does), records them in ``engine.report["int8_payoff"]`` and warns in one line when int8 is not
+faster. It never switches the precision itself: the caller asked for int8.
 """
 from __future__ import annotations
 
