@@ -99,6 +99,20 @@ def test_bench_deploys_at_runtime_and_precision(checkpoint, cache_root, monkeypa
     assert "int8_payoff" not in info["report"]
 
 
+def test_bench_fp16_engine_is_judged_against_eager_fp16(checkpoint, cache_root, monkeypatch, tmp_path, capsys):
+    """An fp16 engine in an fp32 bench: its bound is eager fp16's own error against the fp32 gold."""
+    monkeypatch.setenv("FASTSEG_CACHE_DIR", str(cache_root))
+    out = tmp_path / "results"
+    code = main(["bench", "--checkpoint", str(checkpoint), "--runtime", "onnxruntime", "--precision", "fp16", *BENCH,
+                 "--out", str(out)])
+    capsys.readouterr()
+    record = _record(out)
+    row = next(r for r in record["results"] if r["mode"] == "engine onnxruntime fp16")
+    assert row["parity"] is True and code == 0, row["parity_note"]
+    assert "eager" in row["parity_note"] and 0 < row["rms_rel_err"] < 1e-2
+    assert "RMS error vs the fp32 gold <= 2x eager fp16's own" in record["parity_rule"]
+
+
 def test_engine_rows_are_judged_by_their_precision():
     from fastseg import parity
 
