@@ -58,7 +58,9 @@ def generated_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
 
 
 def run(args) -> dict:
-    from fastseg import SegFormer
+    from fastseg import SegFormer, bench_engine
+
+    bench_engine.check(args)
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
@@ -129,6 +131,15 @@ def run(args) -> dict:
     # Every row: a timed call and a call that returns its logits (for parity).
     rows = {name: (step(model), output(model)) for name, model in modes.items()}
     notes = []
+    engine_info = None
+    if bench_engine.requested(args):  # a deployed engine: fp32 input, fp32 logits out, like the model
+        say = (lambda t: None) if args.quiet else (lambda t: print(f"[engine] {t}", file=sys.stderr))
+        engine, engine_info = bench_engine.load(args, fp32_base, progress=say)
+
+        def engine_call():
+            return engine(x32)
+
+        rows[engine_info["row"]] = (engine_call, engine_call)
     tmp = None
     if args.peers:
         import tempfile
@@ -157,6 +168,11 @@ def run(args) -> dict:
             bar.update(2)
             results[name] = {"out": out, "peak_mem_mb": mem.peak / 2**20, "times": [],
                              **parity.errors(out, reference)}
+            if engine_info and name == engine_info["row"]:  # labels against the fp32 gold's, as deploy reports
+                from fastseg.deploy.engine import label_agreement
+
+                results[name].update(label_agreement(out, gold if gold is not None else results["eager"]["out"],
+                                                     fp32_base.num_classes))
         # Interleaved: every round calls each row once, in an order that rotates, so drift in
         # the machine's speed (other load, clocks) falls on every row alike.
         names = list(rows)
@@ -169,6 +185,13 @@ def run(args) -> dict:
                 bar.update()
     if tmp is not None:
         tmp.cleanup()
+    engine_eager = None
+    if engine_info and engine_info["precision"] in ("bf16", "fp16"):
+        # eager's own error in the engine's precision bounds the engine's (the low-precision rule)
+        same = low_precision and args.dtype == engine_info["precision"]
+        engine_eager = (parity.errors(results["eager"]["out"], gold) if same else
+                        bench_engine.eager_error(fp32_base, x32, gold if gold is not None else results["eager"]["out"],
+                                                 engine_info["precision"]))
     gemms, gemm_note = _gemm_profiles(args, device, {name: rows[name][1] for name in modes})
     if gemm_note:
         notes.append(gemm_note)
@@ -189,9 +212,18 @@ def run(args) -> dict:
         r["fused_speedup_over"] = r["median_ms"] / fused_ms  # how many times faster fused is than this row
         if r["mode"] == "eager" and not low_precision:
             r["parity"], r["parity_note"] = True, "the reference"
+        elif engine_info and r["mode"] == engine_info["row"]:
+            r["parity"], r["parity_note"] = parity.judge_engine(r, engine_info["precision"], engine_eager,
+                                                                trained=engine_info["trained_weights"])
         else:
             r["parity"], r["parity_note"] = parity.judge(r, results[0], low_precision)
     fused = modes["fused"]
+    rule = (f"errors against an fp32 gold (eager fp32, same input); pass: finite and RMS error <= "
+            f"{parity.LOW_PRECISION_FACTOR:g}x eager {args.dtype}'s own" if low_precision else
+            f"errors against eager fp32; pass: finite and argmax agreement >= "
+            f"{100 * parity.ARGMAX_AGREEMENT_MIN:.1f}%")
+    if engine_info:
+        rule += f"; {bench_engine.rule(engine_info)}"
     return {
         "schema": SCHEMA,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -210,10 +242,8 @@ def run(args) -> dict:
         "timing": f"median of {args.repeats} interleaved rounds (order rotating) after {args.warmup} warm-up rounds",
         "notes": notes,
         "peak_mem_note": "CUDA allocator peak" if device.type == "cuda" else "process RSS peak (sampled)",
-        "parity_rule": (f"errors against an fp32 gold (eager fp32, same input); pass: finite and RMS error <= "
-                        f"{parity.LOW_PRECISION_FACTOR:g}x eager {args.dtype}'s own" if low_precision else
-                        f"errors against eager fp32; pass: finite and argmax agreement >= "
-                        f"{100 * parity.ARGMAX_AGREEMENT_MIN:.1f}%"),
+        "parity_rule": rule,
+        "engine": engine_info,
         "results": results,
     }
 
@@ -278,7 +308,7 @@ def table(record: dict) -> str:
              + (" GEMM GFLOP/s (% of peak) |" if gemm else ""),
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|" + ("---:|" if gemm else "")]
     for r in record["results"]:
-        verdict = "ok" if r.get("parity", True) else "FAILED"
+        verdict = {True: "ok", False: "FAILED", None: "not judged"}[r.get("parity", True)]
         over = r.get("fused_speedup_over")
         lines.append(f"| {r['mode']} | {r['median_ms']:.2f} | {r['images_per_s']:.2f} | {r['speedup']:.2f}x | "
                      f"{'–' if over is None else f'{over:.2f}x'} | "
@@ -347,6 +377,8 @@ def write(record: dict, out_dir: Path, make_plot: bool = True) -> dict:
     if "timing" in record:
         md.append(f"- timing: {record['timing']}")
     md += [f"- note: {n}" for n in record.get("notes", [])]
+    if record.get("engine"):
+        md.append(f"- {engine_line(record['engine'])}")
     md += [f"- {line}" for line in gemm_lines(record)]
     md += [f"- {k}: {v:.2f}x" for k, v in record.get("peer_ratios", {}).items()]
     md += ["", table(record), ""]
@@ -356,6 +388,15 @@ def write(record: dict, out_dir: Path, make_plot: bool = True) -> dict:
         paths["png"] = out_dir / f"{stem}.png"
         plot(record, paths["png"])
     return paths
+
+
+def engine_line(info: dict) -> str:
+    """What the engine row is: runtime, version, precision, where it came from."""
+    text = (f"engine row '{info['row']}': {info['runtime']} {info['runtime_version']} {info['precision']} from "
+            f"{info['source']} ({info['folder']})")
+    if info.get("calibration"):
+        text += f", int8 calibrated on {info['calibration']}"
+    return text
 
 
 # Records written before they carried the CPU: what the benchmarks README's notes say of them.
@@ -430,6 +471,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON/Markdown/PNG results")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from fastseg import bench_engine
+
+    bench_engine.add_arguments(p)
 
 
 def main(args) -> int:
@@ -448,6 +492,8 @@ def main(args) -> int:
     print(f"timing: {record['timing']}")
     for n in record["notes"]:
         print(f"note: {n}")
+    if record["engine"]:
+        print(engine_line(record["engine"]))
     for line in gemm_lines(record):
         print(line)
     if record["peer_ratios"]:
@@ -456,7 +502,7 @@ def main(args) -> int:
     paths = write(record, out_dir, make_plot=not args.no_plot)
     update_summary(out_dir.parent / "README.md", out_dir)
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    bad = [f"{r['mode']} ({r['parity_note']})" for r in record["results"] if not r["parity"]]
+    bad = [f"{r['mode']} ({r['parity_note']})" for r in record["results"] if r["parity"] is False]
     if bad:
         print(f"PARITY FAILED for: {'; '.join(bad)}")
         return 1

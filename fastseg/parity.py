@@ -58,3 +58,31 @@ def judge(candidate: dict, eager: dict | None, low_precision: bool) -> tuple[boo
                        f"eager's own {eager['rms_rel_err']:.2e}")
     return True, (f"RMS error vs fp32 gold {candidate['rms_rel_err']:.2e} <= {LOW_PRECISION_FACTOR:g}x "
                   f"eager's {eager['rms_rel_err']:.2e}")
+
+
+def judge_engine(candidate: dict, precision: str, eager: dict | None = None,
+                 trained: bool = True) -> tuple[bool | None, str]:
+    """Verdict for a deployed engine's row (``fastseg bench --engine`` / ``--runtime``), judged
+    against the fp32 gold by the engine's own precision: fp32 as :func:`judge` in fp32; bf16 / fp16
+    as :func:`judge` in low precision, ``eager`` being eager's own error in that precision; int8 by
+    the pixel agreement of its labels (``candidate["agreement"]``, as the engine report computes it)
+    with the int8 goal of :mod:`fastseg.deploy.quantize`, since int8 logits are not meant to match
+    to a rounding. Random-init weights (``trained=False``) give nearly tied logits, so their int8
+    agreement is reported but not judged: the verdict is then None."""
+    if not candidate["finite"]:
+        return False, "non-finite output"
+    if precision == "fp32":
+        return judge(candidate, None, False)
+    if precision in ("bf16", "fp16"):
+        return judge(candidate, eager, True)
+    if precision != "int8":
+        raise ValueError(f"unknown engine precision {precision!r}")
+    from fastseg.deploy.quantize import GOAL
+
+    agree = candidate["agreement"]
+    text = f"labels agree with fp32's on {100 * agree:.3f}% of pixels"
+    if not trained:
+        return None, f"{text}; not judged: random-init weights give nearly tied logits (give a trained --checkpoint)"
+    if agree < GOAL:
+        return False, f"{text} (< {100 * GOAL:.1f}%)"
+    return True, f"{text} (>= {100 * GOAL:.1f}%)"

@@ -76,6 +76,23 @@ def median(times: list[float]) -> float:
     return statistics.median(times)
 
 
+def interleaved(calls: dict, rounds: int, warmup: int = 1, device: torch.device = torch.device("cpu")) -> dict:
+    """{name: [ms of each round]}: ``warmup`` untimed calls of each, then ``rounds`` rounds that
+    call every one once, in an order that rotates each round, so drift in the machine's speed
+    (other load, clocks) falls on every call alike. ``calls``: {name: fn()}."""
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    sync(device)
+    times: dict = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names) if names else 0
+        for name in names[k:] + names[:k]:
+            times[name].extend(measure(calls[name], device, warmup=0, repeats=1))
+    return times
+
+
 class PeakMemory:
     """Peak memory of the code inside the ``with`` block, in bytes above the level at entry.
 

@@ -3,8 +3,9 @@
 One module per concern: :mod:`.graph` (the fast graph: stock ops, weights folded), :mod:`.onnx`
 (ONNX files), :mod:`.pt2` (torch.export programs), :mod:`.runtimes` (ONNX Runtime / OpenVINO
 sessions), :mod:`.source` (loading a model from a path), :mod:`.calibration` (INT8 calibration
-inputs), :mod:`.quantize` (INT8), :mod:`.cache` (the engine cache), :mod:`.engine`
-(``fastseg.deploy`` / ``fastseg.load_engine``), :mod:`.cli` (``fastseg export`` / ``fastseg deploy``).
+inputs), :mod:`.quantize` (INT8), :mod:`.payoff` (does INT8 beat fp32 here), :mod:`.cache` (the
+engine cache), :mod:`.engine` (``fastseg.deploy`` / ``fastseg.load_engine``), :mod:`.cli`
+(``fastseg export`` / ``fastseg deploy``).
 
 ``fastseg.deploy`` is the function; this package's modules are reached with
 ``from fastseg.deploy.engine import ...`` (``import fastseg.deploy.x as m`` would bind through

@@ -79,21 +79,29 @@ def add_deploy_arguments(p) -> None:
                    help="the input size the engine will mostly see (auto timing; calibration images are resized to it)")
     p.add_argument("--model", default=None, help="segformer[-bX] or setr[-naive|pup|mla]: skip detection")
     p.add_argument("--cache-dir", default=None, help="engine cache (default ~/.cache/fastseg/engines)")
+    p.add_argument("--no-int8-timing", action="store_true",
+                   help="with --precision int8: skip timing the int8 engine against the same runtime at fp32 "
+                        "(a few forwards at --input-size; the report says whether int8 pays off on this CPU)")
 
 
 def deploy_main(args) -> int:
     import sys
+    import warnings
 
     from fastseg.deploy.engine import deploy
+    from fastseg.deploy.payoff import Int8SlowerWarning
 
     try:
         if args.precision == "int8" and not args.calibrate:
             raise ExportError("--precision int8 needs --calibrate DIR (a folder of images like the ones to segment)")
         print(f"loading {args.source}", flush=True)
         model = load_source(args.source, args.model)
-        engine = deploy(model, args.runtime, args.precision, calibration=args.calibrate, input_size=args.input_size,
-                        cache_dir=args.cache_dir, max_calibration_images=args.calibration_images,
-                        progress=lambda t: print(t, flush=True))
+        with warnings.catch_warnings():  # the report printed below carries the int8-vs-fp32 warning line
+            warnings.simplefilter("ignore", Int8SlowerWarning)
+            engine = deploy(model, args.runtime, args.precision, calibration=args.calibrate,
+                            input_size=args.input_size, cache_dir=args.cache_dir,
+                            max_calibration_images=args.calibration_images, int8_timing=not args.no_int8_timing,
+                            progress=lambda t: print(t, flush=True))
         engine.save(args.out)
     except (ExportError, FileNotFoundError) as e:
         print(f"fastseg deploy: error: {e}", file=sys.stderr)

@@ -51,6 +51,10 @@ class EngineReport(dict):
             if q.get("skipped"):
                 lines.append(f"  calibration skipped {len(q['skipped'])} unreadable image(s): "
                              + ", ".join(p for p, _ in q["skipped"]))
+        if self.get("int8_payoff"):
+            from fastseg.deploy.payoff import line
+
+            lines.append(line(self["int8_payoff"]))
         for where, p in self.get("parity", {}).items():
             lines.append(f"parity vs fp32 ({where}): max relative error {p['relative_error']:.2e}, "
                          f"pixel agreement {100 * p['agreement']:.3f}%"
@@ -161,25 +165,36 @@ def _parity_inputs(model, batches, input_size) -> list[tuple[str, np.ndarray]]:
 def _parity(model, run, inputs, num_classes: int) -> dict:
     """Max relative error, pixel agreement and the mIoU of the engine's labels against fp32's,
     over ``inputs`` grouped by their label ("calibration inputs", ...)."""
-    from fastseg.metrics import confusion_matrix
-
     out: dict[str, dict] = {}
-    conf = {}
     for where, x in inputs:
         with torch.no_grad():
             want = model(torch.from_numpy(x)).float()
         got = torch.as_tensor(np.asarray(run(x), dtype=np.float32))
         err = relative_error(got, want)
-        p = out.setdefault(where, {"relative_error": 0.0, "agree": 0, "pixels": 0})
+        p = out.setdefault(where, {"relative_error": 0.0, "agree": 0, "pixels": 0, "conf": 0})
         p["relative_error"] = max(p["relative_error"], err)
-        a, b = got.argmax(1), want.argmax(1)
-        p["agree"] += int((a == b).sum())
-        p["pixels"] += a.numel()
-        conf[where] = conf.get(where, 0) + confusion_matrix(a, b, num_classes)
-    for where, p in out.items():
+        counts = _label_counts(got, want, num_classes)
+        p["agree"] += counts["agree"]
+        p["pixels"] += counts["pixels"]
+        p["conf"] = p["conf"] + counts["conf"]
+    for p in out.values():
         p["agreement"] = p.pop("agree") / max(1, p.pop("pixels"))
-        p["miou_vs_fp32"] = miou(conf[where])
+        p["miou_vs_fp32"] = miou(p.pop("conf"))
     return out
+
+
+def _label_counts(got: torch.Tensor, want: torch.Tensor, num_classes: int) -> dict:
+    from fastseg.metrics import confusion_matrix
+
+    a, b = got.argmax(1).cpu(), want.argmax(1).cpu()
+    return {"agree": int((a == b).sum()), "pixels": a.numel(), "conf": confusion_matrix(a, b, num_classes)}
+
+
+def label_agreement(got: torch.Tensor, want: torch.Tensor, num_classes: int) -> dict:
+    """``{"agreement", "miou_vs_fp32"}`` of the labels of logits ``got`` against those of the fp32
+    logits ``want`` (both (B, K, h, w)): how an engine's report judges int8 (``fastseg bench`` too)."""
+    counts = _label_counts(got.float(), want.float(), num_classes)
+    return {"agreement": counts["agree"] / max(1, counts["pixels"]), "miou_vs_fp32": miou(counts["conf"])}
 
 
 def miou(conf) -> float:
@@ -299,7 +314,7 @@ def _say(progress, text: str) -> None:
 
 def deploy(model_or_source, runtime: str = "auto", precision: str = "fp32", *, calibration=None,
            input_size=None, cache_dir=None, compile: bool = False, max_calibration_images: int | None = None,
-           int8_goal: float | None = None, progress=None) -> Engine:
+           int8_goal: float | None = None, int8_timing: bool = True, progress=None) -> Engine:
     """An :class:`Engine` of ``model_or_source`` (a fastseg SegFormer/SETR, or a path
     :func:`fastseg.deploy.source.load_source` reads) on ``runtime`` at ``precision``.
 
@@ -311,6 +326,10 @@ def deploy(model_or_source, runtime: str = "auto", precision: str = "fp32", *, c
     (default ``~/.cache/fastseg/engines``); a second deploy of the same weights loads from it.
     compile: ``torch.compile`` the torch runtime's model. int8_goal: the pixel agreement with fp32
     the INT8 search keeps groups in float for (default 0.995; 0 quantizes every candidate group).
+    int8_timing: time a new int8 engine against the same runtime at fp32 (a few interleaved
+    forwards at ``input_size``, default 512²; :mod:`fastseg.deploy.payoff`), record both in
+    ``engine.report["int8_payoff"]`` and warn (:class:`~fastseg.deploy.payoff.Int8SlowerWarning`)
+    when int8 is not faster here; False skips the measurement (the fp32 engine is then not built).
     """
     from fastseg.deploy import calibration as calib
     from fastseg.deploy.common import _parse_size
@@ -361,9 +380,42 @@ def deploy(model_or_source, runtime: str = "auto", precision: str = "fp32", *, c
             (tmp / cache.MARKER).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
         return _open(folder, compile=compile)
 
-    if runtime != "auto":
-        return get(runtime)
-    return _auto(model, precision, device, input_size, root, get, progress)
+    engine = get(runtime) if runtime != "auto" else _auto(model, precision, device, input_size, root, get, progress)
+    if precision == "int8":
+        _int8_payoff(engine, model, root, input_size, compile=compile, measure=int8_timing, progress=progress)
+    return engine
+
+
+def _int8_payoff(engine: Engine, model, root: Path, input_size, *, compile: bool, measure: bool, progress) -> None:
+    """Time int8 against fp32 on the engine's runtime once per engine (kept in its engine.json)
+    and warn when int8 is not faster; a measurement skipped now is taken by a later deploy."""
+    from fastseg.deploy import payoff
+
+    if measure and "int8_payoff" not in engine.report:
+        fp32 = deploy(model, engine.runtime, "fp32", input_size=input_size, cache_dir=root, compile=compile,
+                      progress=progress)
+        _say(progress, f"timing int8 against fp32 on {engine.runtime}")
+        size = tuple(input_size) if input_size else AUTO_SIZE
+        ms = time_engines({"int8": engine, "fp32": fp32}, size, rounds=payoff.ROUNDS)
+        engine.report["int8_payoff"] = payoff.verdict(
+            ms["int8"], ms["fp32"], runtime=engine.runtime, shape="x".join(map(str, (1, engine.in_channels, *size))),
+            cpu=payoff.cpu_description(), rounds=payoff.ROUNDS)
+        _save_report(engine)
+    payoff.warn(engine.report.get("int8_payoff"))
+
+
+def _save_report(engine: Engine) -> None:
+    """Rewrite the engine folder's engine.json with the current report (atomically; a read-only
+    folder keeps the old one)."""
+    from fastseg.io import atomic_write
+
+    meta = dict(engine.meta, report={k: v for k, v in engine.report.items() if k != "auto"})
+    try:
+        with atomic_write(engine.folder / cache.MARKER, "w") as f:
+            f.write(json.dumps(meta, indent=1, sort_keys=True, default=str))
+    except OSError:
+        return
+    engine.meta = meta
 
 
 def _auto(model, precision: str, device, input_size, root: Path, get, progress) -> Engine:
@@ -388,23 +440,26 @@ def _auto(model, precision: str, device, input_size, root: Path, get, progress) 
         engine.report["auto"] = chosen
         return engine
     engines = {r: get(r) for r in able}
-    x = torch.randn(1, model.config.in_channels, *size)
-    for e in engines.values():  # warm-up: OpenVINO compiles for this shape here
-        e(x)
-    times: dict[str, list[float]] = {r: [] for r in engines}
-    for _ in range(AUTO_ROUNDS):
-        for r, e in engines.items():
-            t0 = time.perf_counter()
-            e(x)
-            times[r].append((time.perf_counter() - t0) * 1e3)
-    ms = {r: float(np.median(t)) for r, t in times.items()}
+    ms = time_engines(engines, size)
     best = min(ms, key=ms.get)
-    entry = {"runtime": best, "ms": ms, "shape": "x".join(map(str, x.shape))}
+    entry = {"runtime": best, "ms": ms, "shape": "x".join(map(str, (1, model.config.in_channels, *size)))}
     _say(progress, "auto: " + ", ".join(f"{r} {t:.1f} ms" for r, t in ms.items()) + f" -> {best}")
     cache.save_auto(root, key, entry)
     engine = engines[best]
     engine.report["auto"] = entry
     return engine
+
+
+def time_engines(engines: dict, size: tuple[int, int], rounds: int = AUTO_ROUNDS) -> dict:
+    """{name: median ms} of ``engines`` ({name: Engine}) on one random (1, C, H, W) input, timed
+    interleaved (:func:`fastseg.timing.interleaved`) after one warm-up call each (OpenVINO
+    compiles for the shape there): what ``runtime="auto"`` picks by."""
+    from fastseg.timing import interleaved, median
+
+    first = next(iter(engines.values()))
+    x = torch.randn(1, first.in_channels, *size, generator=torch.Generator().manual_seed(0))
+    times = interleaved({name: (lambda e=e: e(x)) for name, e in engines.items()}, rounds)
+    return {name: float(median(t)) for name, t in times.items()}
 
 
 def _open(folder: Path, *, compile: bool = False) -> Engine:
