@@ -14,6 +14,14 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/oracles.py
 
+# Under pytest-xdist (-n 2 on 2 cores) each worker computes on one thread, and so do the CLI and
+# torchrun subprocesses the tests start: two workers of two OpenMP threads each would oversubscribe
+# the cores, and an OpenMP team that waits on a preempted thread stalls. The C++ kernels' parallel
+# paths are tested with two threads on purpose in test_cpp_threads.py.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_per_test(request):
