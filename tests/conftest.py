@@ -18,7 +18,10 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/oracles.py
 # torchrun subprocesses the tests start: two workers of two OpenMP threads each would oversubscribe
 # the cores, and an OpenMP team that waits on a preempted thread stalls. The C++ kernels' parallel
 # paths are tested with two threads on purpose in test_cpp_threads.py.
-if os.environ.get("PYTEST_XDIST_WORKER"):
+# The worker's id is dropped from the environment (xdist itself reads config.workerinput): a
+# `pytest benchmarks/` the tests start would inherit it and pytest-benchmark would then switch off.
+if os.environ.pop("PYTEST_XDIST_WORKER", None):
+    os.environ.pop("PYTEST_XDIST_WORKER_COUNT", None)
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
