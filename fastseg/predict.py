@@ -330,7 +330,7 @@ def _predict(args, rank: int, world: int, local_rank: int) -> int:
             timing.wait("output", writer.submit(pos, mine[pos].stem, lab, image if args.overlay is not None else None))
         collect(writer.finished())
 
-    hooks = _time_forward(model, timing, sync)
+    hooks = _time_forward(model, timing, sync) if timing_on else []  # off: no per-forward calls at all
     timing.start()
     try:
         samples = iter(loader)
