@@ -323,9 +323,10 @@ def _slide_labels_streamed(model, images, crop, stride, out_size, return_scores)
 
 
 BAND_ELEMENTS = 1 << 22  # (B, K, rows, W) elements of one band of output rows (16 MB fp32)
-# (B, K, H, W) logits at the input size that one whole pass with a test scale may hold (128 MB fp32:
-# 150 classes at 512x384 fit; it runs ~10x faster than the bands, measured at 640x480 on 2 threads)
-TWO_RESIZE_ELEMENTS = 1 << 25
+# (B, K, H, W) logits at the input size that one whole pass with a test scale may hold (256 MB fp32:
+# ADE20K's 150 classes at its 2048x512 test scale, 683x512, fit); that path ran ~10x faster than the
+# bands (150 classes, 512x384 → 640x480, 2 threads)
+TWO_RESIZE_ELEMENTS = 1 << 26
 
 
 def _window_grid(size, crop, stride) -> list[tuple[int, int, int, int]]:
