@@ -65,7 +65,7 @@ from fastseg.evaluate import (
     model_from_args,
     pick_device,
 )
-from fastseg.mask_writer import LABEL_PNG_8BIT_MAX, MaskWriter, output_names, save_label_png  # noqa: F401
+from fastseg.mask_writer import LABEL_PNG_8BIT_MAX, MaskWriter, output_names, save_label_png  # noqa: F401 (kept importable here)
 
 NON_FINITE = "non-finite logits (NaN or Inf): no mask written"
 
