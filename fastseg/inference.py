@@ -23,6 +23,10 @@ the reference; it holds (B, K, H, W) tensors), without ever making a (B, K, H, W
 - ``whole``, one pass, output at the input size (``fastseg predict``; Cityscapes eval): the
   logits go straight to the fused :func:`fastseg.ops.upsample_argmax`: one bilinear resize and
   the argmax in one kernel; only the labels are full size.
+- ``whole``, one pass, output size ≠ input size (a test scale; labels wanted without scores): the
+  two-step's first resize as it is (logits' grid → input size, ``F.interpolate``), then the fused
+  op for the second resize + argmax. It holds the logits at the input size, up to
+  ``TWO_RESIZE_ELEMENTS``; bigger ones take the banded path below (same labels, ~10× slower).
 - ``slide``, one pass (``fastseg predict --mode slide``): memory bounded by the window, not the
   image. The windows run in raster order; each window's logits stay on their own grid; after
   each row of windows, the input rows no later window covers are final, so the output rows that
@@ -210,17 +214,26 @@ def segment_labels(model, images: torch.Tensor, *, mode: str = "whole", crop=Non
     H, W = images.shape[-2:]
     out_size = (H, W) if out_size is None else tuple(out_size)
     passes = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
-    if mode == "whole" and passes == [(1.0, False)] and out_size == (H, W):
-        # one resize, logits' grid → out_size: the fused op gives the two-step labels
-        logits = model_logits(model, model_input(images))
-        found = upsample_argmax(logits, out_size, return_scores=return_scores)
-        labels, scores = found if return_scores else (found, None)
-        return result(labels.to(label_dtype(logits.shape[1])), scores, _all_finite(logits))
+    single = None  # whole mode, one pass: its logits
+    if mode == "whole" and passes == [(1.0, False)]:
+        single = model_logits(model, model_input(images))
+        if out_size == (H, W):
+            # one resize, logits' grid → out_size: the fused op gives the two-step labels
+            found = upsample_argmax(single, out_size, return_scores=return_scores)
+            labels, scores = found if return_scores else (found, None)
+            return result(labels.to(label_dtype(single.shape[1])), scores, _all_finite(single))
+        if not return_scores and single.shape[0] * single.shape[1] * H * W <= TWO_RESIZE_ELEMENTS:
+            # a test scale (output size ≠ input size): the two-step's first resize (logits' grid → input
+            # size) as it is, then the fused op for the second + argmax (the softmax changes no argmax).
+            # Holds the logits at the input size (bounded here); bigger ones go band by band below.
+            mid = F.interpolate(single, size=(H, W), mode="bilinear", align_corners=False)
+            labels = upsample_argmax(mid, out_size).to(label_dtype(single.shape[1]))
+            return result(labels, None, _all_finite(single))
     if mode == "slide" and passes == [(1.0, False)]:
         return result(*_slide_labels_streamed(model, images, crop, stride, out_size, return_scores))
     held = []  # per pass: (whole-image logits, or [(window logits, y1, y2, x1, x2)]), input size, flipped
     finite = None
-    x_full = model_input(images)  # several passes resize or mirror the whole image
+    x_full = model_input(images) if single is None else images  # several passes resize or mirror the whole image
     for s, flipped in passes:
         x = x_full
         if s != 1.0:
@@ -229,7 +242,7 @@ def segment_labels(model, images: torch.Tensor, *, mode: str = "whole", crop=Non
         if flipped:
             x = x.flip(-1)
         if mode == "whole":
-            found = model_logits(model, x)
+            found = single if single is not None else model_logits(model, x)
             ok = _all_finite(found)
         else:
             found = [(model_logits(model, x[:, :, y1:y2, x1:x2]), y1, y2, x1, x2)
@@ -310,6 +323,10 @@ def _slide_labels_streamed(model, images, crop, stride, out_size, return_scores)
 
 
 BAND_ELEMENTS = 1 << 22  # (B, K, rows, W) elements of one band of output rows (16 MB fp32)
+# (B, K, H, W) logits at the input size that one whole pass with a test scale may hold (256 MB fp32:
+# ADE20K's 150 classes at its 2048x512 test scale, 683x512, fit); that path ran ~10x faster than the
+# bands (150 classes, 512x384 → 640x480, 2 threads)
+TWO_RESIZE_ELEMENTS = 1 << 26
 
 
 def _window_grid(size, crop, stride) -> list[tuple[int, int, int, int]]:

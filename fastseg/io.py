@@ -287,14 +287,17 @@ def recover(dest) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path, mode: str = "wb"):
+def atomic_write(path: Path, mode: str = "wb", *, recover_leftovers: bool = True):
     """Yield a file object for a temporary file beside ``path``; when the block succeeds it is
     fsynced, given the mode a plain ``open()`` would give (0o666 less the umask) and renamed over
     ``path``. On failure ``path`` is untouched and the temporary file removed; an ``OSError`` names
-    ``path``. Leftovers of a killed earlier write of ``path`` are removed first."""
+    ``path``. Leftovers of a killed earlier write of ``path`` are removed first, which lists the
+    folder: a writer of many files into one folder (``fastseg predict``) passes
+    ``recover_leftovers=False`` and calls :func:`recover` on the folder once instead."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    recover(path)
+    if recover_leftovers:
+        recover(path)
     tmp = _tag_name(path, TMP_TAG, ".tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)

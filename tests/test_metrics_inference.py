@@ -311,3 +311,19 @@ def test_segment_labels_slide_and_multi_scale_agreement_and_miou():
         assert same == n, (kw, same / n)
         if "out_size" not in kw:
             assert old_metric.compute()["mIoU"] == new_metric.compute()["mIoU"], kw
+
+
+def test_a_test_scale_pass_gives_the_same_labels_through_the_fused_op_and_through_the_bands(monkeypatch):
+    """Whole mode with an output size other than the input's: the fused path (the logits resized to
+    the input size, then upsample + argmax) and the banded path it falls back to when those logits
+    would be too big give the two-step labels."""
+    import fastseg.inference as inference
+
+    model = tiny_segformer(19).eval()
+    x = torch.randn(1, 3, 45, 61)
+    with torch.no_grad():
+        old = segment(model, x, out_size=(83, 57)).argmax(1)
+        fused = inference.segment_labels(model, x, out_size=(83, 57))
+        monkeypatch.setattr(inference, "TWO_RESIZE_ELEMENTS", 0)
+        banded = inference.segment_labels(model, x, out_size=(83, 57))
+    assert torch.equal(fused.long(), old) and torch.equal(banded.long(), old)

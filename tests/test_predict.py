@@ -280,3 +280,130 @@ def test_eval_warns_per_image_with_nan_logits_and_leaves_it_out(tmp_path, monkey
     record = json.loads((tmp_path / "e.json").read_text())
     assert [p.endswith("bright.png") for p in record["non_finite_images"]] == [True]
     assert record["pixels"] == 36 * 40  # the dark image only
+
+
+# --- stage timing, output names, the background writer, torchrun ------------------------------------
+
+def _images(folder, names, size=(36, 44), seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(folder / name)
+
+
+def test_predict_timing_prints_every_stage_and_writes_the_json_record(tmp_path, capsys):
+    import json
+
+    from fastseg.stage_timing import STAGE_TITLES, STAGES
+
+    tiny_segformer(4).save_pretrained(tmp_path / "model")
+    _images(tmp_path / "in", ["a.png", "b.jpg", "c.png"])
+    (tmp_path / "in" / "d.png").write_bytes(b"broken")
+    args = _predict_args(tmp_path, "--out", str(tmp_path / "out"), "--workers", "1", "--batch", "2", "--timing",
+                         "--timing-json", str(tmp_path / "t" / "timing.json"))
+    assert predict.predict_main(args) == 1
+    out = capsys.readouterr().out.splitlines()
+    table = [line for line in out if any(line.startswith(STAGE_TITLES[s]) for s in STAGES)]
+    assert len(table) == len(STAGES)
+    assert any("images/s end to end" in line and line.startswith("4 image(s)") for line in out)
+    record = json.loads((tmp_path / "t" / "timing.json").read_text())
+    assert record["schema"] == "fastseg-predict-timing/1" and record["images"] == 4 and record["failed"] == 1
+    assert list(record["stages"]) == list(STAGES)
+    assert record["stages"]["decode"]["images"] == 4  # the broken file was read too
+    for stage in ("resize", "forward", "labels", "encode"):
+        assert record["stages"][stage]["images"] == 3, stage
+    assert all(r["total_s"] >= 0 and r["ms_per_image"] >= 0 for r in record["stages"].values())
+    assert abs(sum(r["share"] for r in record["stages"].values()) - 1) < 1e-9
+    assert record["wall_s"] > 0 and record["images_per_s"] > 0 and set(record["waits_s"]) == {"input", "output"}
+    assert record["world_size"] == 1 and record["workers"] == 1 and record["batch"] == 2
+    assert not [p for p in (tmp_path / "t").iterdir() if p.name != "timing.json"]  # atomic: no temporary left
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "c.png"]
+
+
+def test_two_inputs_that_would_write_one_file_are_refused_before_anything_runs(tmp_path, monkeypatch):
+    import fastseg.inference
+
+    def no_model(*a, **k):
+        raise AssertionError("the clash must be found before the model is loaded")
+
+    monkeypatch.setattr(fastseg.inference, "load_model", no_model)
+    _images(tmp_path / "a", ["x.jpg", "y.jpg"])
+    _images(tmp_path / "b", ["x.png"])
+    p = argparse.ArgumentParser()
+    predict.add_predict_arguments(p)
+    args = p.parse_args([str(tmp_path / "a"), str(tmp_path / "b"), "--checkpoint", str(tmp_path / "m"),
+                         "--out", str(tmp_path / "out"), "--quiet"])
+    with pytest.raises(ValueError, match=r"inputs .*a/x\.jpg and .*b/x\.png would both write .*x\.png"):
+        predict.predict_main(args)
+    assert not (tmp_path / "out").exists()
+    # names that differ in case only, and a derived name: one file on some filesystems / with --overlay
+    _images(tmp_path / "c", ["Q.jpg", "q.png"])
+    with pytest.raises(ValueError, match="Q.jpg and .*q.png would both write"):
+        predict.check_output_names(predict.collect_images([tmp_path / "c"]), tmp_path / "out", False, False)
+    _images(tmp_path / "d", ["z.jpg", "z_overlay.jpg"])
+    files = predict.collect_images([tmp_path / "d"])
+    predict.check_output_names(files, tmp_path / "out", False, False)  # no overlay: no clash
+    with pytest.raises(ValueError, match="z.jpg and .*z_overlay.jpg would both write .*z_overlay.png"):
+        predict.check_output_names(files, tmp_path / "out", True, False)
+    # an output that would replace an input, and the same file given twice (runs once)
+    _images(tmp_path / "e", ["w.png"])
+    with pytest.raises(ValueError, match="would overwrite the input"):
+        predict.check_output_names(predict.collect_images([tmp_path / "e"]), tmp_path / "e", False, False)
+    assert predict.collect_images([tmp_path / "e", tmp_path / "e" / "w.png"]) == [tmp_path / "e" / "w.png"]
+
+
+def test_a_write_failure_names_its_image_and_the_others_are_written_atomically_under_the_umask(tmp_path, capsys):
+    import os
+
+    tiny_segformer(4).save_pretrained(tmp_path / "model")
+    _images(tmp_path / "in", ["a.png", "b.png", "c.png", "d.png"])
+    (tmp_path / "out" / "b.png").mkdir(parents=True)  # b's mask cannot replace a folder
+    (tmp_path / "out" / "b.png" / "keep").write_text("x")
+    old = os.umask(0o027)
+    try:
+        args = _predict_args(tmp_path, "--out", str(tmp_path / "out"), "--workers", "0", "--write-threads", "2",
+                             "--save-labels")
+        assert predict.predict_main(args) == 1
+    finally:
+        os.umask(old)
+    captured = capsys.readouterr()
+    failed = [line for line in captured.err.splitlines() if line.startswith("  ")]
+    assert len(failed) == 1 and "b.png: could not write its outputs (IsADirectoryError" in failed[0]
+    assert "1 of 4 image(s) failed" in captured.err and "wrote 3 mask(s)" in captured.out
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["a.png", "a_labels.png", "b.png", "c.png", "c_labels.png", "d.png", "d_labels.png"]
+    for name in names:
+        if name != "b.png":
+            assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o640, name
+            Image.open(tmp_path / "out" / name).load()  # a whole PNG
+
+
+def test_predict_under_torchrun_writes_each_mask_once_and_every_rank_fails_alike(tmp_path):
+    """2 CPU processes (gloo): each rank runs every second image, every mask exists once, the bad
+    image is named in rank 0's list, and both ranks return 1 (each rank's return value is recorded
+    by the launcher below: torchrun itself stops the others once one rank exits non-zero)."""
+    import os
+    import subprocess
+    import sys
+
+    tiny_segformer(4).save_pretrained(tmp_path / "model")
+    names = ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    _images(tmp_path / "in", names)
+    (tmp_path / "in" / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    launch = ("import os, sys\nfrom fastseg.cli import main\nrc = main(sys.argv[1:])\n"
+              "open(f'rc.{os.environ[\"RANK\"]}', 'w').write(str(rc))\nsys.exit(rc)\n")
+    (tmp_path / "launch.py").write_text(launch)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "launch.py"), "predict", str(tmp_path / "in"), "--checkpoint", str(tmp_path / "model"),
+           "--out", str(tmp_path / "out"), "--workers", "0", "--device", "cpu", "--quiet", "--save-labels"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert (tmp_path / "rc.0").read_text() == "1" and (tmp_path / "rc.1").read_text() == "1", proc.stderr[-3000:]
+    assert "wrote 4 mask(s)" in proc.stdout
+    failed = [line for line in proc.stderr.splitlines() if line.startswith("  ") and "c.png" in line]
+    assert len(failed) == 1 and "1 of 5 image(s) failed" in proc.stderr, proc.stderr[-3000:]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted(f"{n[0]}{s}.png" for n in names if n != "c.png" for s in ("", "_labels"))
+    for n in "abde":  # each a whole image of its input's size
+        assert np.asarray(Image.open(tmp_path / "out" / f"{n}.png")).shape == (36, 44, 3)
