@@ -89,21 +89,60 @@ inline T mix(T a, T b, T l0, T l1) {
   return std::fma(a, l0, b * l1);
 }
 
-// Channels-last: one output pixel at a time, K contiguous per corner.
+// Channels-last: one output pixel at a time, K contiguous per corner. The classes are reduced in
+// kLanes interleaved running maxima (lane j sees k = j, j + kLanes, ...), a loop of selects the
+// compiler vectorises; the lanes are then merged in class order, so the first maximum still wins
+// and the first NaN still counts as the maximum. The classes after the last whole group of lanes
+// come last, in order.
+constexpr int kLanes = 16;
+
 template <typename T>
 FASTSEG_UA_CLONES void row_channels_last(const T* base, int64_t K, int64_t oh_r0, int64_t oh_r1, T ly0, T ly1,
                                          const Taps<T>& tw, int64_t W, int64_t* labels, T* scores) {
   const T* r0 = base + oh_r0;
   const T* r1 = base + oh_r1;
+  const int64_t K_lanes = K >= 2 * kLanes && K <= INT32_MAX ? K / kLanes * kLanes : 0;
   for (int64_t ox = 0; ox < W; ++ox) {
     const T* p00 = r0 + tw.i0[ox];
     const T* p01 = r0 + tw.i1[ox];
     const T* p10 = r1 + tw.i0[ox];
     const T* p11 = r1 + tw.i1[ox];
     const T lx0 = tw.l0[ox], lx1 = tw.l1[ox];
-    T best = mix(mix(p00[0], p01[0], lx0, lx1), mix(p10[0], p11[0], lx0, lx1), ly0, ly1);
-    int64_t arg = 0;
-    for (int64_t k = 1; k < K; ++k) {
+    T best;
+    int64_t arg;
+    int64_t k = 0;
+    if (K_lanes > 0) {
+      T lane_best[kLanes];
+      int32_t lane_arg[kLanes];
+      for (int j = 0; j < kLanes; ++j) {
+        lane_best[j] = mix(mix(p00[j], p01[j], lx0, lx1), mix(p10[j], p11[j], lx0, lx1), ly0, ly1);
+        lane_arg[j] = j;
+      }
+      for (k = kLanes; k < K_lanes; k += kLanes) {
+        for (int j = 0; j < kLanes; ++j) {
+          const T v = mix(mix(p00[k + j], p01[k + j], lx0, lx1), mix(p10[k + j], p11[k + j], lx0, lx1), ly0, ly1);
+          const bool take = v > lane_best[j] || (v != v && lane_best[j] == lane_best[j]);
+          lane_best[j] = take ? v : lane_best[j];
+          lane_arg[j] = take ? static_cast<int32_t>(k + j) : lane_arg[j];
+        }
+      }
+      best = lane_best[0];
+      arg = lane_arg[0];
+      for (int j = 1; j < kLanes; ++j) {  // merge: the better value, or on a tie the earlier class
+        const T v = lane_best[j];
+        const bool best_nan = best != best, v_nan = v != v;
+        const bool tie = best_nan ? v_nan : (!v_nan && v == best);
+        if (better(v, best) || (tie && lane_arg[j] < arg)) {
+          best = v;
+          arg = lane_arg[j];
+        }
+      }
+    } else {
+      best = mix(mix(p00[0], p01[0], lx0, lx1), mix(p10[0], p11[0], lx0, lx1), ly0, ly1);
+      arg = 0;
+      k = 1;
+    }
+    for (; k < K; ++k) {
       const T v = mix(mix(p00[k], p01[k], lx0, lx1), mix(p10[k], p11[k], lx0, lx1), ly0, ly1);
       if (better(v, best)) {
         best = v;

@@ -209,3 +209,20 @@ def test_ops_trace_with_fake_tensors():
             labels, scores = op(x, 31, 35, True)
             assert labels.shape == (2, 31, 35) and labels.dtype == torch.int64 and scores.shape == (2, 31, 35)
             assert op(x, 31, 35, False)[1].shape == (0, 31, 35)
+
+
+@pytest.mark.parametrize("K", [32, 75])
+def test_cpp_channels_last_lanes_keep_the_first_maximum_and_the_first_nan(K):
+    """The C++ channels-last loop reduces classes in interleaved lanes (k mod 16) and then the tail
+    (k >= 16 * (K // 16)): a tie or a NaN in a lower lane but at a later class must lose."""
+    x = torch.zeros(1, K, 2, 8)
+    x[0, :, 0, 0] = 0; x[0, [17, 3], 0, 0] = 5.0           # tie: lane 1 (k=17) vs lane 3 (k=3): 3 wins
+    x[0, [33 % K, 20], 0, 1] = 5.0                         # tie: lane 1 vs lane 4
+    x[0, [K - 1, K - 2], 0, 2] = 7.0                       # a tie in the tail (or the last lane group)
+    x[0, 5, 0, 3] = 7.0; x[0, K - 1, 0, 3] = 7.0           # a lane value ties the last class
+    x[0, [18, 2], 0, 4] = float("nan")                     # NaN in lane 2 (k=18) and lane 2 (k=2)
+    x[0, [16, 30], 0, 5] = float("nan")                    # NaN in lane 0 (k=16) and lane 14 (k=30)
+    x[0, K - 1, 0, 6] = float("nan"); x[0, 0, 0, 6] = 9.0  # a NaN only in the last class
+    x[0, :, 1] = torch.randn(K, 8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(upsample_argmax_cpp(x, (2, 8)), x.argmax(1))
