@@ -54,6 +54,8 @@ TORCH_LIBRARY(fastseg_ext, m) {
   // Fused bilinear upsample (align_corners=False) + argmax over K, inference only (CPU kernel:
   // upsample_argmax_cpu.cpp): (labels (B, H, W) int64, scores (B, H, W) or empty (0, H, W)).
   m.def("upsample_argmax_fwd(Tensor logits, int H, int W, bool return_scores) -> (Tensor, Tensor)");
+  // labels (B, H, W) int64 of two chained bilinear resizes (h, w) -> (H1, W1) -> (H, W) + argmax
+  m.def("upsample2_argmax_fwd(Tensor logits, int H1, int W1, int H, int W) -> Tensor");
   // The decoder head, inference form, over bands of output rows (CPU kernel: decoder_head_cpu.cpp);
   // the *_packed weights (oneDNN layout, fastseg/ops/packed_linear.py) run its GEMMs on oneDNN:
   // [ReLU](sum of resized maps + x @ x_weight^T + bias) [@ cls_weight^T + cls_bias] -> (B, H, W, K or E).
@@ -92,6 +94,7 @@ TORCH_LIBRARY_IMPL(fastseg_ext, CPU, m) {
   m.impl("overlap_patch_embed_fwd", &fastseg::overlap_patch_embed_fwd_cpu);
   m.impl("overlap_patch_embed_bwd", &fastseg::overlap_patch_embed_bwd_cpu);
   m.impl("upsample_argmax_fwd", &fastseg::upsample_argmax_fwd_cpu);
+  m.impl("upsample2_argmax_fwd", &fastseg::upsample2_argmax_fwd_cpu);
   m.impl("decoder_head_fwd", &fastseg::decoder_head_fwd_cpu);
   m.impl("dwconv3x3_gelu_fwd", &fastseg::dwconv3x3_gelu_fwd_cpu);
   m.impl("mix_ffn_fwd", &fastseg::mix_ffn_fwd_cpu);

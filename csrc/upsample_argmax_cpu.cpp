@@ -97,10 +97,8 @@ inline T mix(T a, T b, T l0, T l1) {
 constexpr int kLanes = 16;
 
 template <typename T>
-FASTSEG_UA_CLONES void row_channels_last(const T* base, int64_t K, int64_t oh_r0, int64_t oh_r1, T ly0, T ly1,
-                                         const Taps<T>& tw, int64_t W, int64_t* labels, T* scores) {
-  const T* r0 = base + oh_r0;
-  const T* r1 = base + oh_r1;
+FASTSEG_UA_CLONES void row_channels_last(const T* r0, const T* r1, int64_t K, T ly0, T ly1, const Taps<T>& tw,
+                                         int64_t W, int64_t* labels, T* scores) {
   const int64_t K_lanes = K >= 2 * kLanes && K <= INT32_MAX ? K / kLanes * kLanes : 0;
   for (int64_t ox = 0; ox < W; ++ox) {
     const T* p00 = r0 + tw.i0[ox];
@@ -203,11 +201,70 @@ void run(const at::Tensor& x, int64_t H, int64_t W, at::Tensor& labels, at::Tens
       int64_t* out = lab + r * W;
       T* out_scores = sc != nullptr ? sc + r * W : nullptr;
       if (channels_last) {
-        row_channels_last<T>(base, K, th.i0[oy], th.i1[oy], th.l0[oy], th.l1[oy], tw, W, out, out_scores);
+        row_channels_last<T>(base + th.i0[oy], base + th.i1[oy], K, th.l0[oy], th.l1[oy], tw, W, out, out_scores);
       } else {
         T* b_row = out_scores != nullptr ? out_scores : best.data();
         row_planar<T>(base, K, sk, th.i0[oy], th.i1[oy], th.l0[oy], th.l1[oy], tw, W, out, b_row);
       }
+    }
+  });
+}
+
+// One row of the first resize, (W1, K) contiguous: the K values of each of W1 output pixels.
+template <typename T>
+FASTSEG_UA_CLONES void resized_row(const T* base, int64_t K, int64_t sk, int64_t r0, int64_t r1, T ly0, T ly1,
+                                   const Taps<T>& tw, int64_t W1, T* out) {
+  for (int64_t ix = 0; ix < W1; ++ix) {
+    const T* p00 = base + r0 + tw.i0[ix];
+    const T* p01 = base + r0 + tw.i1[ix];
+    const T* p10 = base + r1 + tw.i0[ix];
+    const T* p11 = base + r1 + tw.i1[ix];
+    const T lx0 = tw.l0[ix], lx1 = tw.l1[ix];
+    T* o = out + ix * K;
+    if (sk == 1) {
+      for (int64_t k = 0; k < K; ++k) o[k] = mix(mix(p00[k], p01[k], lx0, lx1), mix(p10[k], p11[k], lx0, lx1), ly0, ly1);
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t o_k = k * sk;
+        o[k] = mix(mix(p00[o_k], p01[o_k], lx0, lx1), mix(p10[o_k], p11[o_k], lx0, lx1), ly0, ly1);
+      }
+    }
+  }
+}
+
+// Two resizes then the argmax: (h, w) -> (H1, W1) -> (H, W), the two-step path of a test scale
+// (logits to the network input's size, then to the image's). The first resize is made one row at a
+// time, as the second needs it: each thread keeps the two rows its current output row reads.
+template <typename T>
+void run_two(const at::Tensor& x, int64_t H1, int64_t W1, int64_t H, int64_t W, at::Tensor& labels) {
+  const int64_t B = x.size(0), K = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t sb = x.stride(0), sk = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  const Taps<T> th1 = axis_taps<T>(h, H1, sh);
+  const Taps<T> tw1 = axis_taps<T>(w, W1, sw);
+  const Taps<T> th2 = axis_taps<T>(H1, H, 1);  // row indices of the first resize
+  const Taps<T> tw2 = axis_taps<T>(W1, W, K);  // offsets into one (W1, K) row
+  const T* data = x.const_data_ptr<T>();
+  int64_t* lab = labels.data_ptr<int64_t>();
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * W));
+  at::parallel_for(0, B * H, grain, [&](int64_t r_begin, int64_t r_end) {
+    std::vector<T> rows(2 * W1 * K);
+    int64_t held[2] = {-1, -1};  // b * H1 + row of the first resize in each slot
+    auto row = [&](int64_t b, int64_t ir, int64_t keep) -> const T* {
+      const int64_t id = b * H1 + ir;
+      for (int s = 0; s < 2; ++s)
+        if (held[s] == id) return rows.data() + s * W1 * K;
+      const int s = held[0] == keep ? 1 : 0;  // never evict the other row this output row reads
+      resized_row<T>(data + b * sb, K, sk, th1.i0[ir], th1.i1[ir], th1.l0[ir], th1.l1[ir], tw1, W1,
+                     rows.data() + s * W1 * K);
+      held[s] = id;
+      return rows.data() + s * W1 * K;
+    };
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const int64_t b = r / H, oy = r % H;
+      const int64_t a = th2.i0[oy], c = th2.i1[oy];
+      const T* ra = row(b, a, -1);
+      const T* rc = row(b, c, b * H1 + a);
+      row_channels_last<T>(ra, rc, K, th2.l0[oy], th2.l1[oy], tw2, W, lab + r * W, nullptr);
     }
   });
 }
@@ -234,6 +291,29 @@ std::tuple<at::Tensor, at::Tensor> upsample_argmax_fwd_cpu(const at::Tensor& log
     run<scalar_t>(logits, H, W, labels, return_scores ? &scores : nullptr);
   });
   return {labels, scores};
+}
+
+}  // namespace fastseg
+
+namespace fastseg {
+
+at::Tensor upsample2_argmax_fwd_cpu(const at::Tensor& logits, int64_t H1, int64_t W1, int64_t H, int64_t W) {
+  TORCH_CHECK_VALUE(logits.dim() == 4, "upsample2_argmax: logits must be (B, K, h, w), got ", logits.dim(),
+                    " dimensions");
+  TORCH_CHECK_VALUE(logits.device().is_cpu(), "upsample2_argmax: the C++ kernel takes CPU tensors, got ",
+                    logits.device());
+  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
+                   "upsample2_argmax: the C++ kernel takes float32 or float64 logits, got ", logits.scalar_type());
+  TORCH_CHECK_VALUE(H1 >= 1 && W1 >= 1 && H >= 1 && W >= 1, "upsample2_argmax: sizes must be positive, got ", H1,
+                    "x", W1, " and ", H, "x", W);
+  TORCH_CHECK_VALUE(logits.size(1) >= 1 && logits.size(2) >= 1 && logits.size(3) >= 1,
+                    "upsample2_argmax: logits must have at least one class and one pixel, got shape ", logits.sizes());
+  at::Tensor labels = at::empty({logits.size(0), H, W}, logits.options().dtype(at::kLong));
+  if (logits.size(0) == 0) return labels;
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "upsample2_argmax_fwd_cpu", [&] {
+    run_two<scalar_t>(logits, H1, W1, H, W, labels);
+  });
+  return labels;
 }
 
 }  // namespace fastseg

@@ -24,9 +24,10 @@ the reference; it holds (B, K, H, W) tensors), without ever making a (B, K, H, W
   logits go straight to the fused :func:`fastseg.ops.upsample_argmax`: one bilinear resize and
   the argmax in one kernel; only the labels are full size.
 - ``whole``, one pass, output size ≠ input size (a test scale; labels wanted without scores): the
-  two-step's first resize as it is (logits' grid → input size, ``F.interpolate``), then the fused
-  op for the second resize + argmax. It holds the logits at the input size, up to
-  ``TWO_RESIZE_ELEMENTS``; bigger ones take the banded path below (same labels, ~10× slower).
+  two-step's two resizes (logits' grid → input size → output size) and the argmax in
+  :func:`fastseg.ops.upsample_argmax.upsample2_argmax`. On CPU its C++ kernel makes the first
+  resize a row at a time; elsewhere it holds the logits at the input size, up to
+  ``TWO_RESIZE_ELEMENTS``, and bigger ones take the banded path below (same labels, ~10× slower).
 - ``slide``, one pass (``fastseg predict --mode slide``): memory bounded by the window, not the
   image. The windows run in raster order; each window's logits stay on their own grid; after
   each row of windows, the input rows no later window covers are final, so the output rows that
@@ -200,6 +201,7 @@ def segment_labels(model, images: torch.Tensor, *, mode: str = "whole", crop=Non
     Call under ``torch.no_grad()`` / autocast as needed; the model should be in eval mode.
     """
     from fastseg.ops import upsample_argmax
+    from fastseg.ops.upsample_argmax import upsample2_argmax, upsample2_in_one_pass
 
     def result(labels, scores, finite):
         out = (labels,) + ((scores,) if return_scores else ()) + ((finite,) if return_finite else ())
@@ -222,12 +224,13 @@ def segment_labels(model, images: torch.Tensor, *, mode: str = "whole", crop=Non
             found = upsample_argmax(single, out_size, return_scores=return_scores)
             labels, scores = found if return_scores else (found, None)
             return result(labels.to(label_dtype(single.shape[1])), scores, _all_finite(single))
-        if not return_scores and single.shape[0] * single.shape[1] * H * W <= TWO_RESIZE_ELEMENTS:
-            # a test scale (output size ≠ input size): the two-step's first resize (logits' grid → input
-            # size) as it is, then the fused op for the second + argmax (the softmax changes no argmax).
-            # Holds the logits at the input size (bounded here); bigger ones go band by band below.
-            mid = F.interpolate(single, size=(H, W), mode="bilinear", align_corners=False)
-            labels = upsample_argmax(mid, out_size).to(label_dtype(single.shape[1]))
+        if not return_scores and (upsample2_in_one_pass(single)
+                                  or single.shape[0] * single.shape[1] * H * W <= TWO_RESIZE_ELEMENTS):
+            # a test scale (output size ≠ input size): the two-step's two resizes (logits' grid → input
+            # size → out_size) and the argmax (the softmax changes no argmax). The C++ kernel makes the
+            # first resize a row at a time; elsewhere the logits at the input size are made (bounded
+            # here; bigger ones go band by band below).
+            labels = upsample2_argmax(single, (H, W), out_size).to(label_dtype(single.shape[1]))
             return result(labels, None, _all_finite(single))
     if mode == "slide" and passes == [(1.0, False)]:
         return result(*_slide_labels_streamed(model, images, crop, stride, out_size, return_scores))

@@ -226,3 +226,36 @@ def test_cpp_channels_last_lanes_keep_the_first_maximum_and_the_first_nan(K):
     x[0, :, 1] = torch.randn(K, 8)
     x = x.contiguous(memory_format=torch.channels_last)
     assert torch.equal(upsample_argmax_cpp(x, (2, 8)), x.argmax(1))
+
+
+@needs_cpp
+@pytest.mark.parametrize("K", [1, 19, 150])
+def test_cpp_two_resizes_against_the_two_step_version(K):
+    """upsample2_argmax: logits → mid size → size, then argmax, as the two-step path of a test scale
+    (F.interpolate twice, argmax): labels equal except at near-ties of the final values; the first
+    resize is made a row at a time, shrinking or growing either axis, in any layout."""
+    from fastseg.ops.upsample_argmax import upsample2_argmax, upsample2_in_one_pass
+
+    for trial in range(6):
+        x, size = random_case(K, max_in=20, max_out=90, channels_last=bool(trial % 2))
+        mid = (random.randint(1, 60), random.randint(1, 60))
+        assert upsample2_in_one_pass(x)
+        labels = upsample2_argmax(x, mid, size)
+        first = F.interpolate(x, size=mid, mode="bilinear", align_corners=False)
+        assert_labels_match(labels, None, first, size, rel_tol=1e-5)
+    x = torch.randn(2, K, 7, 9, dtype=torch.float64)[:, :, ::2]  # a strided view, fp64
+    first = F.interpolate(x, size=(11, 13), mode="bilinear", align_corners=False)
+    assert_labels_match(upsample2_argmax(x, (11, 13), (17, 5)), None, first, (17, 5), rel_tol=1e-12)
+
+
+def test_two_resizes_elsewhere_make_the_intermediate():
+    """With another backend forced, upsample2_argmax is F.interpolate + upsample_argmax exactly."""
+    from fastseg.ops import use_backend
+    from fastseg.ops.upsample_argmax import upsample2_argmax
+
+    x = torch.randn(1, 19, 6, 8)
+    with use_backend("reference"):
+        got = upsample2_argmax(x, (13, 15), (21, 9))
+    want = F.interpolate(F.interpolate(x, size=(13, 15), mode="bilinear", align_corners=False), size=(21, 9),
+                         mode="bilinear", align_corners=False).argmax(1)
+    assert torch.equal(got, want)

@@ -219,6 +219,32 @@ def upsample_argmax(logits: torch.Tensor, size, *, return_scores: bool = False):
         return impl(logits, (H, W), return_scores=return_scores)
 
 
+def upsample2_in_one_pass(logits: torch.Tensor) -> bool:
+    """Whether :func:`upsample2_argmax` runs on these logits without making the intermediate."""
+    return (dispatch.choose(OP, device=logits.device, dtype=logits.dtype).backend == "cpp"
+            and hasattr(torch.ops.fastseg_ext, "upsample2_argmax_fwd"))
+
+
+def upsample2_argmax(logits: torch.Tensor, mid_size, size) -> torch.Tensor:
+    """Labels of two chained bilinear resizes, ``logits`` → ``mid_size`` → ``size``, then the
+    argmax: the two-step labels of a test scale (logits to the network input's size, then to the
+    image's), as ``upsample_argmax(F.interpolate(logits, mid_size, ...), size)``.
+
+    Where the ``cpp`` backend serves these logits (CPU, fp32/fp64, nothing else forced), one C++
+    pass makes the first resize a row at a time as the second reads it, so the (B, K, *mid_size)
+    tensor never exists; elsewhere it is made and handed to :func:`upsample_argmax`. Labels agree
+    with the two-step ones as :func:`upsample_argmax`'s do (near-ties aside: module docstring).
+    Returns (B, H, W) int64.
+    """
+    H1, W1 = _size(mid_size)
+    H, W = check_inputs(logits, size)
+    with torch.no_grad():
+        if upsample2_in_one_pass(logits):
+            return torch.ops.fastseg_ext.upsample2_argmax_fwd(logits.detach(), H1, W1, H, W)
+        mid = F.interpolate(logits, size=(H1, W1), mode="bilinear", align_corners=False)
+        return upsample_argmax(mid, (H, W))
+
+
 _register_fake()
 dispatch.register_reference(OP, upsample_argmax_reference)
 dispatch.register(OP, dispatch.Backend(
