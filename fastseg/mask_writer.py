@@ -6,8 +6,11 @@ hands each image's labels to :class:`MaskWriter` and goes on with the next forwa
 colourise, encode and write. Pillow's PNG encoder (filtering + deflate, ``libImaging/ZipEncode.c``)
 runs with the GIL released, as does numpy's palette lookup, so the threads run beside the model.
 
-At most ``pending`` images wait in the writer (:meth:`MaskWriter.submit` blocks for a free slot), so
-memory stays bounded however far the model runs ahead. Every file is written atomically
+At most ``pending`` images, and at most ``pending_bytes`` of their arrays (labels, the image for
+an overlay, and the colour masks the encode makes), are in the writer at once:
+:meth:`MaskWriter.submit` blocks until both fit, and one image always fits when the writer is
+empty. So memory stays bounded however far the model runs ahead and however large the images
+(at 10000×10000 one image's labels and colour mask take 400 MB: a count alone would not bound it). Every file is written atomically
 (:func:`fastseg.io.atomic_write`: a temporary file in the same folder, then a rename; the mode a
 plain ``open()`` gives under the umask), so a killed run leaves whole masks or none. A failure to
 write one image's files is that image's failure: it is returned by :meth:`MaskWriter.finished` with
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 LABEL_PNG_8BIT_MAX = 256  # classes an 8-bit (mode L) label PNG can hold
+PENDING_BYTES = 256 << 20  # the arrays the writer may hold at once (one image always fits)
 
 
 def save_label_png(labels: np.ndarray, dest, num_classes: int | None) -> None:
@@ -51,28 +55,48 @@ class MaskWriter:
 
     def __init__(self, out_dir: Path, palette: np.ndarray, *, overlay_alpha: float | None = None,
                  save_labels: bool = False, num_classes: int | None = None, threads: int = 2,
-                 pending: int | None = None):
+                 pending: int | None = None, pending_bytes: int = PENDING_BYTES):
         if threads < 1:
             raise ValueError(f"the writer needs at least one thread, got {threads}")
         self.out_dir, self.palette = Path(out_dir), palette
         self.overlay_alpha, self.save_labels, self.num_classes = overlay_alpha, save_labels, num_classes
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="fastseg-writer")
-        self._slots = threading.BoundedSemaphore(pending or 2 * threads)
+        self._max_items, self._max_bytes = pending or 2 * threads, pending_bytes
+        self._items = self._bytes = self.peak_bytes = 0  # what the writer holds now (and at most)
+        self._room = threading.Condition()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
 
+    def cost(self, labels: np.ndarray, image: np.ndarray | None) -> int:
+        """Bytes one image holds in the writer: its labels, the overlay's image, and the (H, W, 3)
+        colour mask (and overlay) the encode makes."""
+        made = labels.size * 3 * (2 if self.overlay_alpha is not None else 1)
+        return labels.nbytes + made + (image.nbytes if image is not None and self.overlay_alpha is not None else 0)
+
     def submit(self, key, stem: str, labels: np.ndarray, image: np.ndarray | None) -> float:
-        """Queue one image's files; returns the seconds spent waiting for a free slot."""
+        """Queue one image's files; returns the seconds spent waiting for room."""
+        cost = self.cost(labels, image)
         t0 = time.perf_counter()
-        self._slots.acquire()
+        with self._room:
+            self._room.wait_for(lambda: self._items == 0 or (
+                self._items < self._max_items and self._bytes + cost <= self._max_bytes))
+            self._items += 1
+            self._bytes += cost
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
         waited = time.perf_counter() - t0
         try:
-            self._pool.submit(self._write, key, stem, labels, image)
+            self._pool.submit(self._write, key, stem, labels, image, cost)
         except BaseException:
-            self._slots.release()
+            self._release(cost)
             raise
         return waited
 
-    def _write(self, key, stem: str, labels: np.ndarray, image) -> None:
+    def _release(self, cost: int) -> None:
+        with self._room:
+            self._items -= 1
+            self._bytes -= cost
+            self._room.notify_all()
+
+    def _write(self, key, stem: str, labels: np.ndarray, image, cost: int) -> None:
         from PIL import Image
 
         from fastseg.data import colorize, overlay
@@ -96,7 +120,7 @@ class MaskWriter:
 
             error = f"could not write its outputs ({type(e).__name__}: {one_line(e)})"
         finally:
-            self._slots.release()
+            self._release(cost)
             self._done.put((key, time.perf_counter() - t0, error))
 
     def finished(self) -> list[tuple]:

@@ -407,3 +407,26 @@ def test_predict_under_torchrun_writes_each_mask_once_and_every_rank_fails_alike
     assert written == sorted(f"{n[0]}{s}.png" for n in names if n != "c.png" for s in ("", "_labels"))
     for n in "abde":  # each a whole image of its input's size
         assert np.asarray(Image.open(tmp_path / "out" / f"{n}.png")).shape == (36, 44, 3)
+
+
+def test_the_mask_writer_holds_at_most_its_byte_budget(tmp_path):
+    """The writer's queue is bounded in bytes, not only in images: with room for one and a half
+    images' arrays it never holds two, and every mask is still written."""
+    from fastseg.data import generated_palette
+    from fastseg.mask_writer import MaskWriter
+
+    labels = [np.full((60, 80), i, dtype=np.uint8) for i in range(6)]
+    probe = MaskWriter(tmp_path, generated_palette(6))
+    cost = probe.cost(labels[0], None)
+    probe.close()
+    writer = MaskWriter(tmp_path, generated_palette(6), threads=2, pending=4, pending_bytes=cost * 3 // 2)
+    for i, lab in enumerate(labels):
+        writer.submit(i, f"m{i}", lab, None)
+    done = writer.close()
+    assert sorted(key for key, _, error in done if error is None) == list(range(6))
+    assert cost <= writer.peak_bytes <= cost * 3 // 2
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"m{i}.png" for i in range(6)]
+    big = MaskWriter(tmp_path / "big", generated_palette(6), pending_bytes=1)  # one image always fits
+    (tmp_path / "big").mkdir()
+    big.submit(0, "x", labels[0], None)
+    assert big.close()[0][2] is None and (tmp_path / "big" / "x.png").exists()
