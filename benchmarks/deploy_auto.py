@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import re
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import fastseg
 from fastseg import SegFormer, cpu_info
 from fastseg.deploy import runtimes
 from fastseg.deploy.payoff import Int8SlowerWarning
-from fastseg.io import atomic_write, save_json_atomic
+from fastseg.io import file_slug, save_result
 from fastseg.timing import interleaved
 
 MIN_NOISE = 0.05
@@ -135,11 +134,9 @@ def main() -> int:
               "results": results}
     md = markdown(record)
     print(md)
-    cpu = re.sub(r"[^A-Za-z0-9]+", "-", record["cpu"]["label"]).strip("-")[:40]
+    cpu = file_slug(record["cpu"]["label"])
     stem = Path(args.out) / f"{when.strftime('%Y%m%dT%H%M%S')}_deploy_auto_{cpu}_{args.variant}_{args.size}_b{args.batch}"
-    save_json_atomic(record, stem.with_suffix(".json"))
-    with atomic_write(stem.with_suffix(".md"), "w") as f:
-        f.write(md)
+    save_result(stem, record, [md.rstrip("\n")])
     print(f"wrote {stem}.json, {stem}.md")
     return 0
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import re
 import sys
 from pathlib import Path
 
 import torch
 
 from fastseg import cpu_gemm, cpu_info
-from fastseg.io import atomic_write, save_json_atomic
+from fastseg.io import file_slug, save_result
 
 
 def main(argv=None) -> int:
@@ -79,13 +78,9 @@ def main(argv=None) -> int:
     lines += [""] + [f"- not run: {n}" for n in notes]
     lines += [f"- {d} peak: {p['gflops']:.1f} GFLOP/s ({p['impl']})" if p else f"- {d} peak: none"
               for d, p in peaks.items()]
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{cpu['model_name']} {cpu['microarch'] or ''}").strip("-")[:40]
-    stem = folder / f"{when.strftime('%Y%m%dT%H%M%S')}_gemm_peak_{slug}_{cpu['threads']}t"
-    save_json_atomic(record, stem.with_suffix(".json"))
-    with atomic_write(stem.with_suffix(".md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    slug = file_slug(f"{cpu['model_name']} {cpu['microarch'] or ''}")
+    stem = Path(args.out) / f"{when.strftime('%Y%m%dT%H%M%S')}_gemm_peak_{slug}_{cpu['threads']}t"
+    save_result(stem, record, lines)
     print("\n".join(lines))
     print(f"wrote {stem}.json, {stem}.md")
     return 0

@@ -204,7 +204,7 @@ def main(argv=None) -> int:
 
     from fastseg import SegFormer, cpu_info, export_onnx, peers
     from fastseg.bench import generated_image
-    from fastseg.io import atomic_write, save_json_atomic
+    from fastseg.io import file_slug, save_result
     from fastseg.models.config import SegFormerConfig
 
     hf = peers.hf_model(SegFormerConfig.from_variant(args.variant, num_classes=150), 0)
@@ -258,13 +258,9 @@ def main(argv=None) -> int:
         lines.append(f"| {k} | {cell(fs, k)} | {cell(ov, k)} | {ratio} |")
     lines += ["", "fastseg's Mix-FFN is one op (fc1, dwconv + GELU and fc2 in row tiles): compare its total row. "
               "fastseg's patch embedding includes its LayerNorm; OpenVINO's is in the LayerNorm row."]
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{cpu['model_name']} {cpu['microarch'] or ''}").strip("-")[:40]
-    stem = folder / f"{when.strftime('%Y%m%dT%H%M%S')}_openvino_op_compare_{slug}_{args.variant}_{args.threads}t"
-    save_json_atomic(record, stem.with_suffix(".json"))
-    with atomic_write(stem.with_suffix(".md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    slug = file_slug(f"{cpu['model_name']} {cpu['microarch'] or ''}")
+    stem = Path(args.out) / f"{when.strftime('%Y%m%dT%H%M%S')}_openvino_op_compare_{slug}_{args.variant}_{args.threads}t"
+    save_result(stem, record, lines)
     print("\n".join(lines))
     print(f"wrote {stem}.json, {stem}.md")
     return 0

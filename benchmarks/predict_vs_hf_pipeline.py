@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
 import shlex
 import shutil
 import statistics
@@ -178,7 +177,7 @@ def main(argv=None) -> int:
         "fastseg_stage_timing_last_run": last_timing,
         "runs": {name: [{k: v for k, v in x.items() if k != "timing"} for x in rs] for name, rs in runs.items()},
     }
-    lines = [f"| side | images/s end to end | images/s steady |", "|---|---:|---:|"]
+    lines = ["| side | images/s end to end | images/s steady |", "|---|---:|---:|"]
     lines += [f"| {name} | {r['end_to_end']:.2f} | {r['steady']:.2f} |" for name, r in rates.items()]
     lines.append(f"| fastseg / HF | {ratio['end_to_end']:.2f}× | {ratio['steady']:.2f}× |")
     from fastseg.stage_timing import format_table
@@ -188,13 +187,10 @@ def main(argv=None) -> int:
           f"median of {args.repeats}; CPU: {cpu_info.short(cpu)}")
     print(table)
     print("\nfastseg predict, last run, by stage:\n" + format_table(last_timing))
-    from fastseg.io import atomic_write
+    from fastseg.io import file_slug, save_result
 
-    stem = (record["date"][:19].replace(":", "").replace("-", "") + "_"
-            + re.sub(r"[^A-Za-z0-9]+", "-", cpu["label"]).strip("-")[:40] + "_predict_vs_hf_pipeline")
-    with atomic_write(args.out / f"{stem}.json", "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
+    stem = (record["date"][:19].replace(":", "").replace("-", "") + "_" + file_slug(cpu["label"])
+            + "_predict_vs_hf_pipeline")
     md = [f"# fastseg predict vs HF pipeline: SegFormer-b0 (150 classes), {n} JPEGs {width}x{height} → PNG masks", "",
           f"- CPU: {cpu_info.short(cpu)}", f"- date: {record['date']}", f"- command: `{record['command']}`",
           "- versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
@@ -202,8 +198,7 @@ def main(argv=None) -> int:
           f"- HF: {record['config']['hf']}; {record['hf_classes_per_image']:.1f} classes per image (random weights)",
           f"- fastseg: {record['config']['fastseg']}"] + ([f"- note: {args.note}"] if args.note else []) + [
           "", table, "", "fastseg predict, last run, by stage:", "", "```", format_table(last_timing), "```", ""]
-    with atomic_write(args.out / f"{stem}.md", "w") as f:
-        f.write("\n".join(md))
+    save_result(args.out / stem, record, md)
     print(f"\nwrote {args.out / stem}.json and .md")
     return 0
 

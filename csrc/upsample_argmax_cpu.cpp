@@ -26,6 +26,9 @@
 // * otherwise (NCHW): per output row, class by class, the row of W interpolated values updates a
 //   running maximum and argmax per column (contiguous, vectorisable).
 // Rows of the output (B * H of them) are split over threads with at::parallel_for.
+//
+// upsample2_argmax_fwd_cpu: two chained resizes, (h, w) -> (H1, W1) -> (H, W), then the argmax (a test
+// scale's two-step labels); the first resize is made one row at a time, as the second reads it.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -269,20 +272,22 @@ void run_two(const at::Tensor& x, int64_t H1, int64_t W1, int64_t H, int64_t W, 
   });
 }
 
+// The checks both entry points make: `op` names the caller in the message.
+void check_logits(const char* op, const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(logits.dim() == 4, op, ": logits must be (B, K, h, w), got ", logits.dim(), " dimensions");
+  TORCH_CHECK_VALUE(logits.device().is_cpu(), op, ": the C++ kernel takes CPU tensors, got ", logits.device());
+  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble, op,
+                   ": the C++ kernel takes float32 or float64 logits, got ", logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.size(1) >= 1 && logits.size(2) >= 1 && logits.size(3) >= 1, op,
+                    ": logits must have at least one class and one pixel, got shape ", logits.sizes());
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> upsample_argmax_fwd_cpu(const at::Tensor& logits, int64_t H, int64_t W,
                                                           bool return_scores) {
-  TORCH_CHECK_VALUE(logits.dim() == 4, "upsample_argmax: logits must be (B, K, h, w), got ", logits.dim(),
-                    " dimensions");
-  TORCH_CHECK_VALUE(logits.device().is_cpu(), "upsample_argmax: the C++ kernel takes CPU tensors, got ",
-                    logits.device());
-  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
-                   "upsample_argmax: the C++ kernel takes float32 or float64 logits, got ", logits.scalar_type());
+  check_logits("upsample_argmax", logits);
   TORCH_CHECK_VALUE(H >= 1 && W >= 1, "upsample_argmax: output size must be positive, got ", H, "x", W);
-  TORCH_CHECK_VALUE(logits.size(1) >= 1 && logits.size(2) >= 1 && logits.size(3) >= 1,
-                    "upsample_argmax: logits must have at least one class and one pixel, got shape ",
-                    logits.sizes());
   const int64_t B = logits.size(0);
   at::Tensor labels = at::empty({B, H, W}, logits.options().dtype(at::kLong));
   at::Tensor scores = at::empty({return_scores ? B : 0, H, W}, logits.options());
@@ -293,21 +298,10 @@ std::tuple<at::Tensor, at::Tensor> upsample_argmax_fwd_cpu(const at::Tensor& log
   return {labels, scores};
 }
 
-}  // namespace fastseg
-
-namespace fastseg {
-
 at::Tensor upsample2_argmax_fwd_cpu(const at::Tensor& logits, int64_t H1, int64_t W1, int64_t H, int64_t W) {
-  TORCH_CHECK_VALUE(logits.dim() == 4, "upsample2_argmax: logits must be (B, K, h, w), got ", logits.dim(),
-                    " dimensions");
-  TORCH_CHECK_VALUE(logits.device().is_cpu(), "upsample2_argmax: the C++ kernel takes CPU tensors, got ",
-                    logits.device());
-  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
-                   "upsample2_argmax: the C++ kernel takes float32 or float64 logits, got ", logits.scalar_type());
+  check_logits("upsample2_argmax", logits);
   TORCH_CHECK_VALUE(H1 >= 1 && W1 >= 1 && H >= 1 && W >= 1, "upsample2_argmax: sizes must be positive, got ", H1,
                     "x", W1, " and ", H, "x", W);
-  TORCH_CHECK_VALUE(logits.size(1) >= 1 && logits.size(2) >= 1 && logits.size(3) >= 1,
-                    "upsample2_argmax: logits must have at least one class and one pixel, got shape ", logits.sizes());
   at::Tensor labels = at::empty({logits.size(0), H, W}, logits.options().dtype(at::kLong));
   if (logits.size(0) == 0) return labels;
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "upsample2_argmax_fwd_cpu", [&] {

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
-import re
 import shlex
 import sys
 import time
@@ -321,7 +320,9 @@ def table(record: dict) -> str:
 def _stem(record: dict) -> str:
     c = record["config"]
     when = record["date"][:19].replace(":", "").replace("-", "")
-    dev = re.sub(r"[^A-Za-z0-9]+", "-", record["device"]["name"]).strip("-")[:40]
+    from fastseg.io import file_slug
+
+    dev = file_slug(record["device"]["name"])
     kind = "train" if c["pass"] != "forward" else "fwd"
     return f"{when}_{dev}_{c['variant'] or 'custom'}_{c['height']}x{c['width']}_b{c['batch']}_{c['dtype']}_{kind}"
 

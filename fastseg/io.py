@@ -470,3 +470,18 @@ def save_json_atomic(data: dict, path: Path) -> None:
     with atomic_write(path, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def file_slug(text: str, limit: int = 40) -> str:
+    """``text`` as a part of a file name (a CPU's or GPU's name in a result file's): every run of
+    other characters than ASCII letters and digits becomes one ``-``."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:limit]
+
+
+def save_result(stem: Path, record: dict, markdown: list[str]) -> None:
+    """A benchmark's result: ``stem``.json (the record) and ``stem``.md (the lines), each written
+    atomically, the folder made if missing."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    save_json_atomic(record, stem.with_suffix(".json"))
+    with atomic_write(stem.with_suffix(".md"), "w") as f:
+        f.write("\n".join(markdown) + "\n")
